@@ -1,0 +1,1 @@
+"""Datamodules that turn images and captions into conftrl training batches."""
