@@ -1,0 +1,255 @@
+"""OFT-wrapped layers: the frozen base layer's weight rotated on its input side, W' = W R^T.
+
+Two ways to compute the same output (see the project's OFT notes):
+- input-centric: rotate the activations block-wise, then run the frozen layer; extra cost
+  ~3*N*d*b for forward + backward.
+- weight-centric: build W' = W R^T block-wise (out*d*b), then run the base op; backward pays
+  the full weight gradient of W' (N*d*out).
+Linear layers pick the cheaper one per call from the actual token count; a k x k Conv2d is
+always weight-centric because the input-centric form would unfold its activations k^2 times.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftrl.oft.config import OFTConfig
+from conftrl.oft.rotation import OFTRotation, solve_blocks
+
+
+def input_dimension(layer: nn.Module) -> int:
+    """d of the flattened weight (out, d) that OFT rotates."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return layer.in_channels // layer.groups * kh * kw
+    raise TypeError(f"OFT supports nn.Linear and nn.Conv2d, not {type(layer).__name__}")
+
+
+def resolve_blocks(config: OFTConfig, d: int, r: Optional[int], name: str) -> tuple[int, int]:
+    """(r, b) for a layer with input size d; refuses sizes that would crop a block."""
+    if config.oft_block_size and r is None:
+        b = config.oft_block_size
+        if b > d or d % b:
+            raise ValueError(
+                f"{name}: oft_block_size={b} does not divide the layer's input size d={d}; "
+                f"divisors of {d}: {_divisors(d)}"
+            )
+        return d // b, b
+    r = r if r is not None else config.r
+    if r > d or d % r:
+        raise ValueError(
+            f"{name}: r={r} (number of blocks) does not divide the layer's input size d={d}; "
+            f"choose r among {_divisors(d)} or set rank_pattern for this module"
+        )
+    return r, d // r
+
+
+def _divisors(n: int, limit: int = 12) -> list[int]:
+    small = [k for k in range(1, min(n, 64) + 1) if n % k == 0]
+    return small[:limit]
+
+
+class OFTLayer(nn.Module):
+    """Base of the OFT wrappers: holds the frozen layer and one rotation per adapter."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if isinstance(base_layer, OFTLayer):
+            raise TypeError("layer is already OFT-wrapped; add an adapter to it instead")
+        self.base_layer = base_layer
+        self.oft_R = nn.ModuleDict()
+        self.in_dim = input_dimension(base_layer)
+        self.out_dim = base_layer.weight.shape[0]
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- adapter bookkeeping ----------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: OFTConfig, name: str, r: Optional[int] = None) -> None:
+        num_blocks, block_size = resolve_blocks(config, self.in_dim, r, name)
+        rotation = OFTRotation(
+            num_blocks,
+            block_size,
+            block_share=config.block_share,
+            coft=config.coft,
+            eps=config.eps,
+            use_cayley_neumann=config.use_cayley_neumann,
+            num_cayley_neumann_terms=config.num_cayley_neumann_terms,
+            module_dropout=config.module_dropout,
+        )
+        rotation.reset(config.init_weights)
+        weight = self.base_layer.weight
+        # Parameters stay fp32 whatever the base dtype: Cayley in half precision is not orthogonal.
+        self.oft_R[adapter_name] = rotation.to(device=weight.device)
+        self.active_adapters = [adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
+        del self.oft_R[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, adapter_names: Iterable[str]) -> None:
+        self.active_adapters = [a for a in adapter_names if a in self.oft_R]
+
+    def _rotations(self, names: Iterable[str]) -> list[OFTRotation]:
+        return [self.oft_R[a] for a in names if a in self.oft_R]
+
+    # --- the maths --------------------------------------------------------------------------
+
+    @staticmethod
+    def _rotate_input(x: torch.Tensor, rotation: OFTRotation) -> torch.Tensor:
+        """x R block-wise over the last dimension (row-vector form of R^T x)."""
+        blocks = rotation.blocks().to(x.dtype)
+        shape = x.shape
+        x = x.reshape(-1, rotation.num_blocks, rotation.block_size)
+        if rotation.block_share:
+            rotated = x @ blocks[0]
+        else:
+            rotated = torch.einsum("nrb,rbc->nrc", x, blocks)
+        return rotated.reshape(shape)
+
+    @staticmethod
+    def _rotate_weight(weight: torch.Tensor, rotation: OFTRotation) -> torch.Tensor:
+        """W R^T for a flattened (out, d) weight, one block column at a time."""
+        blocks = rotation.blocks().to(weight.dtype)
+        out = weight.shape[0]
+        w = weight.reshape(out, rotation.num_blocks, rotation.block_size)
+        if rotation.block_share:
+            rotated = w @ blocks[0].T
+        else:
+            rotated = torch.einsum("orb,rcb->orc", w, blocks)
+        return rotated.reshape(out, -1)
+
+    def _weight_with(self, rotations: list[OFTRotation], dtype: torch.dtype) -> torch.Tensor:
+        """W R_1^T R_2^T ... in the base layer's shape: adapters apply in the order listed."""
+        weight = self.base_layer.weight
+        flat = weight.to(dtype).reshape(self.out_dim, self.in_dim)
+        for rotation in rotations:
+            flat = self._rotate_weight(flat, rotation)
+        return flat.reshape(weight.shape)
+
+    def get_merged_weight(self) -> torch.Tensor:
+        """The effective weight of the active, unmerged adapters, without changing anything."""
+        with torch.no_grad():
+            pending = [a for a in self.active_adapters if a not in self.merged_adapters]
+            if self.disabled:
+                pending = []
+            weight = self._weight_with(self._rotations(pending), torch.float32)
+        return weight.to(self.base_layer.weight.dtype)
+
+    def rotation_deviation(self) -> dict[str, float]:
+        """||R - I||_F per adapter."""
+        with torch.no_grad():
+            return {name: float(rotation.deviation()) for name, rotation in self.oft_R.items()}
+
+    # --- merge ------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """W <- W R^T for each adapter (in fp32, written back in the base dtype)."""
+        names = [a for a in (adapter_names or self.active_adapters) if a in self.oft_R and a not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(self._weight_with(self._rotations(names), torch.float32).to(weight.dtype))
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Undo merges in reverse order by an exact solve (also exact for Neumann's near-rotations)."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            flat = weight.float().reshape(self.out_dim, self.in_dim)
+            for name in reversed(self.merged_adapters):
+                rotation = self.oft_R[name]
+                blocks = rotation.expanded_blocks().float()
+                columns = flat.reshape(self.out_dim, rotation.num_blocks, rotation.block_size).transpose(0, 1)
+                # Each block column satisfies W'_i = W_i Q_i^T; solve for W_i.
+                restored = solve_blocks(blocks.transpose(1, 2), columns, left=False)
+                flat = restored.transpose(0, 1).reshape(self.out_dim, self.in_dim)
+            weight.copy_(flat.reshape(weight.shape).to(weight.dtype))
+        self.merged_adapters = []
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def _live_rotations(self) -> list[OFTRotation]:
+        """Rotations to apply in this forward (none when disabled, merged, or dropped)."""
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return []
+        if self.merged:
+            return []
+        return [r for r in self._rotations(self.active_adapters) if not r.dropped()]
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, adapters={list(self.oft_R)}"
+
+
+class Linear(OFTLayer):
+    """OFT around an nn.Linear; chooses input- or weight-centric computation per call.
+
+    `computation` pins the choice ("input" or "weight") for benchmarks and tests; "auto"
+    compares the two forms' multiply-adds for the actual number of tokens.
+    """
+
+    computation: str = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rotations = self._live_rotations()
+        if not rotations:
+            return self.base_layer(x)
+        if self._input_centric_is_cheaper(x, rotations):
+            for rotation in reversed(rotations):
+                x = self._rotate_input(x, rotation)
+            return self.base_layer(x)
+        weight = self._weight_with(rotations, self.base_layer.weight.dtype)
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _input_centric_is_cheaper(self, x: torch.Tensor, rotations: list[OFTRotation]) -> bool:
+        """Compare the extra multiply-adds of both forms (forward, plus backward if training)."""
+        if self.computation != "auto":
+            return self.computation == "input"
+        tokens = x.numel() // self.in_dim
+        block_sum = sum(r.block_size for r in rotations)
+        if torch.is_grad_enabled() and any(r.weight.requires_grad for r in rotations):
+            return 3 * tokens * block_sum < tokens * self.out_dim + 2 * self.out_dim * block_sum
+        return tokens < self.out_dim
+
+
+class Conv2d(OFTLayer):
+    """OFT around an nn.Conv2d of any kernel, stride, padding, dilation and groups.
+
+    Always weight-centric: rotating the unfolded input would multiply activation memory and
+    work by kh*kw, and is not even equivalent to the merged convolution once patches overlap.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rotations = self._live_rotations()
+        if not rotations:
+            return self.base_layer(x)
+        weight = self._weight_with(rotations, self.base_layer.weight.dtype)
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+
+def wrap(layer: nn.Module, name: str) -> OFTLayer:
+    """The OFT wrapper matching `layer`'s type."""
+    if isinstance(layer, nn.Linear):
+        return Linear(layer)
+    if isinstance(layer, nn.Conv2d):
+        return Conv2d(layer)
+    raise TypeError(
+        f"{name}: OFT supports nn.Linear and nn.Conv2d, not {type(layer).__name__}; "
+        "narrow target_modules to those layers."
+    )

@@ -1,0 +1,159 @@
+"""The block-diagonal orthogonal matrix of one adapter of one layer.
+
+Storage follows PEFT's current format so adapters move between the two libraries unchanged:
+a parameter `weight` of shape (n, b(b-1)/2) holding, per stored block, the strict upper
+triangle (row-major) of a skew-symmetric S = U - U^T. Each block is the Cayley transform
+Q = (I - S)(I + S)^-1, exactly or by a truncated Neumann series.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+# Batched LU (`linalg.solve`/`inv`) on CPU is unreliable for matrices wider than ~150 with more
+# than one thread (pytorch#142815: wrong pivots, garbage or hangs). Wider CPU blocks are solved
+# one at a time, which is exact and costs nothing next to the layer's own matmuls.
+_CPU_BATCHED_SOLVE_MAX_WIDTH = 64
+_COFT_TOLERANCE = 1e-6
+
+
+def solve_blocks(lhs: torch.Tensor, rhs: torch.Tensor, left: bool = True) -> torch.Tensor:
+    """Solve lhs_i X_i = rhs_i (or X_i lhs_i = rhs_i) for a stack of blocks, safely on CPU."""
+    if lhs.device.type == "cpu" and lhs.shape[-1] > _CPU_BATCHED_SOLVE_MAX_WIDTH:
+        return torch.stack([torch.linalg.solve(a, b, left=left) for a, b in zip(lhs, rhs)])
+    return torch.linalg.solve(lhs, rhs, left=left)
+
+
+@lru_cache(maxsize=None)
+def neumann_coefficients(terms: int) -> tuple[float, ...]:
+    """Coefficients c_k of the truncated series Q ~ sum_k c_k (-S)^k.
+
+    The exact series of (I - S)(I + S)^-1 is I + 2 * sum_{k>=1} (-S)^k. PEFT truncates it with
+    a last coefficient of 1 and treats 3 terms like 4; conftrl keeps the identical polynomial so
+    that adapters trained with either library give the same outputs in both.
+    """
+    if terms <= 1:
+        return (1.0,)
+    if terms == 2:
+        return (1.0, 2.0)
+    last = max(terms - 1, 3)
+    return (1.0,) + (2.0,) * (last - 1) + (1.0,)
+
+
+class OFTRotation(nn.Module):
+    """R = blockdiag(Q_1 .. Q_r) for one layer, with COFT's constraint and module dropout."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        block_share: bool = False,
+        coft: bool = False,
+        eps: float = 6e-5,
+        use_cayley_neumann: bool = False,
+        num_cayley_neumann_terms: int = 5,
+        module_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.block_share = block_share
+        self.coft = coft
+        self.eps = eps
+        self.use_cayley_neumann = use_cayley_neumann
+        self.num_cayley_neumann_terms = num_cayley_neumann_terms
+        self.module_dropout = module_dropout
+        stored = 1 if block_share else num_blocks
+        self.weight = nn.Parameter(torch.zeros(stored, block_size * (block_size - 1) // 2))
+        rows, cols = torch.triu_indices(block_size, block_size, 1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+
+    @property
+    def coft_radius(self) -> float:
+        """Frobenius radius of each skew block: eps * b^2 / sqrt(n) (paper / original code)."""
+        return self.eps * self.block_size**2 / math.sqrt(self.weight.shape[0])
+
+    def reset(self, init_weights: bool) -> None:
+        with torch.no_grad():
+            if init_weights:
+                self.weight.zero_()
+            else:
+                self.weight.normal_(0.0, 0.1 / max(1, self.block_size) ** 0.5)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """COFT: pull every block back into its ball, S <- S * min(1, rho / ||S||_F).
+
+        ||U - U^T||_F = sqrt(2) ||u||, so the stored triangle is scaled directly. Nothing is
+        written when all blocks are inside, which keeps autograd's version counters (and
+        gradient-checkpointing recomputation) untouched in the common case.
+        """
+        if not self.coft:
+            return
+        radius = self.coft_radius
+        norms = self.weight.norm(dim=1, keepdim=True) * math.sqrt(2.0)
+        # The tolerance makes projection idempotent: a block already scaled onto the sphere is
+        # not rescaled by rounding noise on the next use.
+        outside = norms > radius * (1.0 + _COFT_TOLERANCE)
+        if bool(outside.any()):
+            self.weight.mul_(torch.where(outside, radius / norms, torch.ones_like(norms)))
+
+    def skew(self) -> torch.Tensor:
+        """The stored blocks as skew-symmetric matrices, shape (n, b, b)."""
+        n, b = self.weight.shape[0], self.block_size
+        upper = self.weight.new_zeros(n, b, b)
+        upper[:, self._rows, self._cols] = self.weight
+        return upper - upper.transpose(1, 2)
+
+    def blocks(self) -> torch.Tensor:
+        """The orthogonal blocks Q_i (n, b, b) in fp32 or the parameter's dtype."""
+        self.project_()
+        skew = self.skew()
+        if self.use_cayley_neumann:
+            return self._neumann(skew)
+        return self._cayley(skew)
+
+    def _cayley(self, skew: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(self.block_size, device=skew.device, dtype=skew.dtype)
+        return solve_blocks(eye + skew, eye - skew)
+
+    def _neumann(self, skew: torch.Tensor) -> torch.Tensor:
+        coefficients = neumann_coefficients(self.num_cayley_neumann_terms)
+        eye = torch.eye(self.block_size, device=skew.device, dtype=skew.dtype)
+        result = eye.expand_as(skew).clone()
+        power = None
+        for coefficient in coefficients[1:]:
+            power = -skew if power is None else torch.bmm(power, -skew)
+            result = result + coefficient * power
+        return result
+
+    def dropped(self) -> bool:
+        """Whether this training forward skips the adapter (module dropout)."""
+        return self.training and self.module_dropout > 0 and bool(torch.rand(()) < self.module_dropout)
+
+    def expanded_blocks(self) -> torch.Tensor:
+        """Blocks with a shared block repeated, shape (r, b, b); a view, never a dense matrix."""
+        blocks = self.blocks()
+        if self.block_share:
+            return blocks.expand(self.num_blocks, -1, -1)
+        return blocks
+
+    def deviation(self) -> torch.Tensor:
+        """||R - I||_F, for logging how far training has rotated the layer."""
+        blocks = self.blocks()
+        eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
+        per_block = (blocks - eye).pow(2).sum(dim=(1, 2))
+        copies = self.num_blocks if self.block_share else 1
+        return (per_block.sum() * copies).sqrt()
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={self.num_blocks}, block_size={self.block_size}, block_share={self.block_share}, "
+            f"coft={self.coft}, eps={self.eps}, cayley_neumann={self.use_cayley_neumann}"
+        )

@@ -1,0 +1,234 @@
+"""Numerical contract of the OFT layers: identity, orthogonality, equivalences, COFT, dtypes."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from conftrl.oft import Conv2d, Linear, OFTConfig, OFTRotation
+from conftrl.oft.rotation import neumann_coefficients
+
+
+def make_layer(base: nn.Module, **config) -> nn.Module:
+    layer = Linear(base) if isinstance(base, nn.Linear) else Conv2d(base)
+    config.setdefault("r", 4)
+    layer.add_adapter("default", OFTConfig(**config), "layer")
+    return layer
+
+
+def randomize(layer, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        for rotation in layer.oft_R.values():
+            rotation.weight.normal_(0, scale)
+
+
+def test_identity_at_init_is_exact():
+    torch.manual_seed(0)
+    for base, x in [
+        (nn.Linear(32, 24), torch.randn(7, 32)),
+        (nn.Conv2d(8, 6, 3, padding=1), torch.randn(2, 8, 5, 5)),
+    ]:
+        expected = base(x)
+        layer = make_layer(base)
+        assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("block_size", [4, 16, 192])
+def test_blocks_are_orthogonal(block_size):
+    torch.manual_seed(0)
+    # 192-wide blocks exercise the CPU path that avoids batched LU (pytorch#142815).
+    rotation = OFTRotation(3, block_size)
+    rotation.reset(init_weights=False)
+    with torch.no_grad():
+        rotation.weight.normal_(0, 0.05)  # ||S||_F ~ b/20: far beyond what training reaches
+    q = rotation.blocks().double()
+    eye = torch.eye(block_size, dtype=torch.double)
+    assert (q.transpose(1, 2) @ q - eye).norm(dim=(1, 2)).max() < 1e-5
+    assert torch.allclose(torch.linalg.det(q), torch.ones(3, dtype=torch.double), atol=1e-5)
+
+
+def test_rotation_acts_on_input_side():
+    """y = W R^T x + b: row norms of the effective weight equal the base's; bias untouched."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    layer = make_layer(base, r=2)
+    randomize(layer)
+    merged = layer.get_merged_weight()
+    assert torch.allclose(merged.norm(dim=1), base.weight.norm(dim=1), atol=1e-6)
+    x = torch.randn(5, 16)
+    assert torch.allclose(layer(x), x @ merged.T + base.bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_share", [False, True])
+def test_input_and_weight_centric_agree(block_share):
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(48, 40), r=4, block_share=block_share)
+    randomize(layer)
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    outputs, grads = [], []
+    for mode in ("input", "weight"):
+        layer.computation = mode
+        out = layer(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(layer.oft_R["default"].weight.grad.clone())
+        layer.oft_R["default"].weight.grad = None
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_auto_choice_follows_cost_model():
+    layer = make_layer(nn.Linear(64, 64), r=2)  # b = 32 > out/3: weight-centric pays less
+    rotations = list(layer.oft_R.values())
+    assert not layer._input_centric_is_cheaper(torch.zeros(1000, 64), rotations)
+    layer = make_layer(nn.Linear(64, 64), r=8)  # b = 8 < out/3: input-centric pays less
+    assert layer._input_centric_is_cheaper(torch.zeros(1000, 64), list(layer.oft_R.values()))
+
+
+CONVS = [
+    dict(in_channels=8, out_channels=6, kernel_size=1),
+    dict(in_channels=8, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=2, dilation=2),
+    dict(in_channels=4, out_channels=4, kernel_size=(3, 5), padding=(1, 2), padding_mode="reflect"),
+    dict(in_channels=8, out_channels=4, kernel_size=3, groups=2, padding=1),
+]
+
+
+@pytest.mark.parametrize("conv_args", CONVS)
+def test_conv_merged_equals_unmerged_and_unmerge_restores(conv_args):
+    torch.manual_seed(0)
+    base = nn.Conv2d(**conv_args)
+    original = base.weight.detach().clone()
+    d = conv_args["in_channels"] // conv_args.get("groups", 1) * math.prod(base.kernel_size)
+    layer = make_layer(base, r=2 if d % 2 == 0 else 1)
+    randomize(layer)
+    x = torch.randn(2, conv_args["in_channels"], 9, 9)
+    unmerged = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), unmerged, atol=1e-5)
+    assert not torch.allclose(base.weight, original)
+    layer.unmerge()
+    assert torch.allclose(base.weight, original, atol=1e-6)
+
+
+@pytest.mark.parametrize("neumann", [False, True])
+def test_linear_merge_roundtrip(neumann):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 12)
+    original = base.weight.detach().clone()
+    layer = make_layer(base, r=3, use_cayley_neumann=neumann)
+    randomize(layer, 0.05)
+    x = torch.randn(4, 24)
+    unmerged = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), unmerged, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(base.weight, original, atol=1e-6)
+
+
+def test_neumann_series_approximates_exact_cayley():
+    torch.manual_seed(0)
+    exact, approx = OFTRotation(2, 8).double(), OFTRotation(2, 8, use_cayley_neumann=True).double()
+    direction = torch.randn_like(exact.weight)
+    errors = []
+    for scale in (0.02, 0.01):
+        with torch.no_grad():
+            exact.weight.copy_(scale * direction)
+            approx.weight.copy_(scale * direction)
+        errors.append((exact.blocks() - approx.blocks()).abs().max().item())
+    assert errors[0] < 1e-3
+    assert errors[0] / errors[1] > 12  # truncation error shrinks like ||S||^4
+    assert neumann_coefficients(5) == (1.0, 2.0, 2.0, 2.0, 1.0)
+
+
+def test_coft_radius_holds_after_optimizer_steps():
+    torch.manual_seed(0)
+    eps = 1e-3
+    layer = make_layer(nn.Linear(32, 32), r=4, coft=True, eps=eps)
+    rotation = layer.oft_R["default"]
+    radius = eps * 8**2 / math.sqrt(4)
+    assert rotation.coft_radius == pytest.approx(radius)
+    optimizer = torch.optim.SGD(rotation.parameters(), lr=10.0)
+    for _ in range(5):
+        loss = layer(torch.randn(16, 32)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        layer(torch.randn(1, 32))  # every use projects first
+        norms = rotation.skew().norm(dim=(1, 2))
+        assert norms.max() <= radius * (1 + 1e-5)
+    assert norms.max() > 0.5 * radius  # the large steps did push against the ball
+
+
+def test_block_share_uses_one_block():
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(32, 8), r=4, block_share=True, init_weights=False)
+    rotation = layer.oft_R["default"]
+    assert rotation.weight.shape == (1, 8 * 7 // 2)
+    expanded = rotation.expanded_blocks()
+    assert expanded.shape == (4, 8, 8)
+    assert torch.equal(expanded[0], expanded[3])
+
+
+def test_module_dropout_only_in_training():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16)
+    layer = make_layer(base, r=2, module_dropout=0.5)
+    randomize(layer)
+    x = torch.randn(3, 16)
+    layer.eval()
+    rotated = layer(x)
+    assert all(torch.equal(layer(x), rotated) for _ in range(20))
+    layer.train()
+    outcomes = [torch.equal(layer(x), base(x)) for _ in range(200)]
+    assert 60 < sum(outcomes) < 140  # about half of the forwards skip the adapter
+
+
+def test_half_precision_base_and_autocast():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16).to(torch.bfloat16)
+    layer = make_layer(base, r=4)
+    randomize(layer)
+    assert layer.oft_R["default"].weight.dtype == torch.float32
+    for mode in ("input", "weight"):
+        layer.computation = mode
+        out = layer(torch.randn(4, 32, dtype=torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert layer.oft_R["default"].weight.grad.dtype == torch.float32
+    fp32_layer = make_layer(nn.Linear(32, 16), r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fp32_layer(torch.randn(4, 32))
+    assert out.dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(16, 16), r=2, coft=True, eps=1e-2)
+    randomize(layer, 1.0)  # outside the ball: the first forward projects in place
+    x = torch.randn(4, 16, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    checkpointed = layer.oft_R["default"].weight.grad.clone()
+    layer.oft_R["default"].weight.grad = None
+    layer(x).sum().backward()
+    assert torch.allclose(checkpointed, layer.oft_R["default"].weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "base, config, message",
+    [
+        (nn.Linear(30, 4), dict(r=4), "does not divide"),
+        (nn.Linear(8, 4), dict(r=16), "does not divide"),
+        (nn.Linear(30, 4), dict(r=0, oft_block_size=7), "does not divide"),
+    ],
+)
+def test_bad_block_sizes_are_refused(base, config, message):
+    with pytest.raises(ValueError, match=message):
+        make_layer(base, **config)
+
+
+def test_unsupported_layer_is_refused():
+    with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d"):
+        Linear(nn.Embedding(10, 4))
