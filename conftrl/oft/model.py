@@ -103,7 +103,7 @@ class OFTModel(nn.Module):
 
     # --- injection --------------------------------------------------------------------------
 
-    def _resolve_targets(self, config: OFTConfig) -> Union[str, list[str]]:
+    def resolve_targets(self, config: OFTConfig) -> Union[str, list[str]]:
         if config.target_modules is not None:
             return config.target_modules
         architecture = type(self.model).__name__
@@ -115,7 +115,7 @@ class OFTModel(nn.Module):
         return DEFAULT_TARGET_MODULES[architecture]
 
     def _target_names(self, config: OFTConfig) -> list[str]:
-        targets = self._resolve_targets(config)
+        targets = self.resolve_targets(config)
         candidates = [(n, m) for n, m in self.model.named_modules() if n and not _inside_wrapper(n)]
         if targets == "all-linear":
             output_layer = _output_layer_name(self.model)
@@ -172,7 +172,7 @@ class OFTModel(nn.Module):
             if isinstance(module, OFTLayer):
                 yield name, module
 
-    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         for name, module in self.model.named_modules():
             if isinstance(module, ModulesToSave):
                 yield name, module
@@ -188,7 +188,7 @@ class OFTModel(nn.Module):
             for adapter, rotation in layer.oft_R.items():
                 trainable = adapter in names and not self.peft_config[adapter].inference_mode
                 rotation.requires_grad_(trainable)
-        for _, saved in self._saved_modules():
+        for _, saved in self.saved_modules():
             saved.active_adapter = names[-1] if names[-1] in saved.modules_to_save else None
             for adapter, module in saved.modules_to_save.items():
                 module.requires_grad_(adapter == saved.active_adapter and not self.peft_config[adapter].inference_mode)
@@ -204,7 +204,7 @@ class OFTModel(nn.Module):
         for _, layer in self.oft_layers():
             if adapter_name in layer.oft_R:
                 layer.delete_adapter(adapter_name)
-        for _, saved in self._saved_modules():
+        for _, saved in self.saved_modules():
             saved.modules_to_save.pop(adapter_name, None)
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
@@ -216,17 +216,17 @@ class OFTModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model: adapters (merged ones are unmerged first) and saved copies off."""
-        saved_active = {name: m.active_adapter for name, m in self._saved_modules()}
+        saved_active = {name: m.active_adapter for name, m in self.saved_modules()}
         for _, layer in self.oft_layers():
             layer.disabled = True
-        for _, saved in self._saved_modules():
+        for _, saved in self.saved_modules():
             saved.active_adapter = None
         try:
             yield
         finally:
             for _, layer in self.oft_layers():
                 layer.disabled = False
-            for name, saved in self._saved_modules():
+            for name, saved in self.saved_modules():
                 saved.active_adapter = saved_active[name]
 
     # --- merge / unload ---------------------------------------------------------------------
@@ -246,7 +246,7 @@ class OFTModel(nn.Module):
             elif layer.merged:
                 layer.unmerge()
             _set_submodule(self.model, name, layer.base_layer)
-        for name, saved in list(self._saved_modules()):
+        for name, saved in list(self.saved_modules()):
             keep = saved.modules_to_save[saved.active_adapter] if merge and saved.active_adapter else saved.original_module
             _set_submodule(self.model, name, keep)
         return self.model

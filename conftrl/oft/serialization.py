@@ -63,7 +63,7 @@ def adapter_state(wrapped: "OFTModel", adapter_name: str) -> dict[str, torch.Ten
             rotation.project_()
             weight = rotation.weight.detach() * _rotation_sign(config)
             state[f"{KEY_PREFIX}{name}.oft_R.weight"] = weight.float().cpu().contiguous()
-    for name, saved in wrapped._saved_modules():
+    for name, saved in wrapped.saved_modules():
         if adapter_name in saved.modules_to_save:
             for key, tensor in saved.modules_to_save[adapter_name].state_dict().items():
                 state[f"{KEY_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
@@ -90,6 +90,8 @@ def save_adapter(wrapped: "OFTModel", adapter_name: str, directory: Path) -> Pat
     metadata = {"format": "pt", _EPS_METADATA: repr(config.eps)}
     _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
     extra = {"eps": _peft_eps(wrapped, adapter_name), "peft_version": PEFT_FORMAT_VERSION, "inference_mode": True}
+    # Defaults resolved from the architecture are written out: PEFT has other defaults.
+    extra["target_modules"] = wrapped.resolve_targets(config)
     values = {**config.to_dict(), **extra}
     if not values["rank_pattern"]:
         del values["rank_pattern"]  # PEFT's OFT has no rank_pattern; write it only when it matters
@@ -161,7 +163,7 @@ def load_weights(wrapped: "OFTModel", adapter_name: str, directory: Path, raw_co
         for name, layer in wrapped.oft_layers():
             if adapter_name in layer.oft_R:
                 layer.oft_R[adapter_name].weight.copy_(saved[f"{KEY_PREFIX}{name}.oft_R.weight"] * sign)
-        for name, module in wrapped._saved_modules():
+        for name, module in wrapped.saved_modules():
             if adapter_name in module.modules_to_save:
                 local = {k[prefix + len(name) + 1 :]: v for k, v in saved.items() if k.startswith(f"{KEY_PREFIX}{name}.")}
                 module.modules_to_save[adapter_name].load_state_dict(local)
