@@ -1,0 +1,96 @@
+"""Cost of the hyperspherical-energy metric: one 1280×1280 Linear, one 3×3 conv with 320
+channels (neurons of length 2880), and every Linear/Conv2d of an SD 1.5-sized UNet (random
+init, no download), in float64 (the default) and float32; and the OFT-adapted layers only
+(paper recipe: attention projections + GEGLU input, r = 4), the cheap per-step log. Prints JSON.
+
+    python benchmarks/energy_cost.py [--device cuda] [--skip-unet] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from conftrl.metrics import energy_summary, hyperspherical_energy
+from conftrl.oft import OFTConfig, OFTLayer, OFTModel
+
+# the paper's OFT targets in SD 1.5 (attention projections and the GEGLU input projection)
+PAPER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` runs, in seconds (synchronising CUDA around each)."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def sd15_unet(device: str) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(cross_attention_dim=768, sample_size=64).to(device).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-unet", action="store_true")
+    args = parser.parse_args()
+
+    generator = torch.Generator().manual_seed(0)
+    layers = {
+        "linear_1280x1280": torch.randn(1280, 1280, generator=generator),
+        "conv3x3_320": torch.randn(320, 320, 3, 3, generator=generator),
+    }
+    report = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "seconds": {},
+    }
+    for dtype in (torch.float64, torch.float32):
+        tag = str(dtype).removeprefix("torch.")
+        for name, weight in layers.items():
+            weight = weight.to(args.device)
+            report["seconds"][f"{name}/{tag}"] = best_of(
+                lambda: hyperspherical_energy(weight, dtype=dtype), args.repeats
+            )
+
+    if not args.skip_unet:
+        start = time.perf_counter()
+        unet = sd15_unet(args.device)
+        report["unet_build_s"] = time.perf_counter() - start
+        for dtype in (torch.float64, torch.float32):
+            tag = str(dtype).removeprefix("torch.")
+            summaries = []
+            report["seconds"][f"unet_all_linear_conv/{tag}"] = best_of(
+                lambda: summaries.append(energy_summary(unet, dtype=dtype)), 1
+            )
+        report["unet_layers"] = len(summaries[-1].per_layer)
+        report["unet_groups"] = len(summaries[-1].per_group)
+
+        # the per-step log of an OFT run: only the adapted layers (paper recipe, r = 4)
+        oft_model = OFTModel(unet, OFTConfig(r=4, target_modules=list(PAPER_TARGETS)))
+        report["unet_oft_layers"] = sum(1 for _ in oft_model.oft_layers())
+        report["seconds"]["unet_oft_layers/float32"] = best_of(
+            lambda: energy_summary(unet, layer_types=(OFTLayer,), dtype=torch.float32), 1
+        )
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
