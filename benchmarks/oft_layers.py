@@ -1,0 +1,256 @@
+"""One adapted layer at SD 1.5 shapes: forward + backward time and memory against the frozen layer.
+
+Compares, per shape: the frozen plain layer (gradient to its input only: the floor any adapter
+pays), conftrl OFT (r = 4, exact Cayley), PEFT OFT (same r, its default Cayley-Neumann and its
+exact Cayley) and PEFT LoRA with the same number of trainable parameters. Prints a Markdown
+table and writes JSON. Times are medians of repeated runs; memory is what autograd keeps for
+the backward pass (bytes of saved tensors, measured with saved-tensor hooks), which is what
+differs between methods and is deterministic on any device.
+
+    python benchmarks/oft_layers.py [--quick] [--device cuda --dtype bf16] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from conftrl import OFTConfig, OFTModel
+
+R = 4
+
+
+@dataclass
+class Shape:
+    kind: str  # "linear", "conv1x1", "conv3x3"
+    d: int  # input channels / features
+    out: int
+    side: int  # latent side: tokens = batch * side^2
+    batch: int = 2
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.side**2
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.d}->{self.out} @ {self.batch}x{self.side}^2"
+
+
+def sd15_shapes(quick: bool) -> list[Shape]:
+    shapes = [
+        Shape("linear", 320, 320, 64),
+        Shape("linear", 320, 2560, 64),  # GEGLU ff.net.0.proj
+        Shape("linear", 640, 640, 32),
+        Shape("linear", 1280, 1280, 16),
+        Shape("conv1x1", 320, 320, 64),
+        Shape("conv3x3", 320, 320, 64),
+        Shape("conv3x3", 640, 640, 32),
+        Shape("conv3x3", 1280, 1280, 16),
+    ]
+    if quick:
+        return [s for s in shapes if s.side <= 32 or s.kind == "linear" and s.out == 320]
+    return shapes
+
+
+class Wrapper(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def base_layer(shape: Shape) -> nn.Module:
+    if shape.kind == "linear":
+        return nn.Linear(shape.d, shape.out)
+    kernel = 3 if shape.kind == "conv3x3" else 1
+    return nn.Conv2d(shape.d, shape.out, kernel, padding=kernel // 2)
+
+
+def layer_input(shape: Shape, device: str, dtype: torch.dtype) -> torch.Tensor:
+    if shape.kind == "linear":
+        size = (shape.batch, shape.side**2, shape.d)
+    else:
+        size = (shape.batch, shape.d, shape.side, shape.side)
+    return torch.randn(size, device=device, dtype=dtype, requires_grad=True)
+
+
+def oft_block_size(shape: Shape) -> int:
+    kernel = 9 if shape.kind == "conv3x3" else 1
+    return shape.d * kernel // R
+
+
+def make_methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """Each method wraps a fresh copy of the frozen base layer."""
+    import peft
+
+    b = oft_block_size(shape)
+    oft_params = R * b * (b - 1) // 2
+    kernel = 9 if shape.kind == "conv3x3" else 1
+    lora_rank = max(1, round(oft_params / (shape.d * kernel + shape.out)))
+
+    def frozen(model: nn.Module) -> nn.Module:
+        return model.requires_grad_(False)
+
+    def conftrl_oft(model: nn.Module) -> nn.Module:
+        return OFTModel(model, OFTConfig(r=R, target_modules=["layer"]))
+
+    def peft_oft(neumann: bool) -> Callable[[nn.Module], nn.Module]:
+        def build(model: nn.Module) -> nn.Module:
+            config = peft.OFTConfig(r=R, oft_block_size=0, target_modules=["layer"], use_cayley_neumann=neumann)
+            return peft.get_peft_model(model, config)
+
+        return build
+
+    def peft_lora(model: nn.Module) -> nn.Module:
+        return peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=["layer"]))
+
+    return {
+        "frozen": frozen,
+        "conftrl OFT": conftrl_oft,
+        "PEFT OFT (Neumann)": peft_oft(True),
+        "PEFT OFT (exact)": peft_oft(False),
+        f"PEFT LoRA r{lora_rank}": peft_lora,
+    }
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step(model: nn.Module, x: torch.Tensor, autocast: Optional[torch.dtype], device: str) -> torch.Tensor:
+    with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
+        out = model(x)
+    out.float().square().mean().backward()
+    return out
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, autocast: Optional[torch.dtype], device: str) -> int:
+    """Bytes autograd keeps for backward (parameters and the input itself excluded)."""
+    excluded = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() not in excluded:
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
+            out = model(x)
+    out.float().square().mean().backward()
+    return sum(seen.values())
+
+
+def time_method(model: nn.Module, x: torch.Tensor, autocast, device: str, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step(model, x, autocast, device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step(model, x, autocast, device)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    autocast = None if dtype == torch.float32 else dtype
+    rows = []
+    for shape in sd15_shapes(args.quick):
+        torch.manual_seed(0)
+        base = Wrapper(base_layer(shape)).to(device)
+        x = layer_input(shape, device, torch.float32)
+        b = oft_block_size(shape)
+        predicted = 1 + 1.5 * b / shape.out if shape.kind == "linear" else None
+        floor_time = None
+        for method, build in make_methods(shape).items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build(copy.deepcopy(base)).to(device)
+            seconds = time_method(model, x, autocast, device, args.repeats, args.warmup)
+            memory = saved_bytes(model, x, autocast, device)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            floor_time = floor_time or seconds
+            rows.append(
+                dict(
+                    shape=shape.label, **asdict(shape), method=method, ms=seconds * 1e3,
+                    ratio_to_frozen=seconds / floor_time, saved_mib=memory / 2**20, trainable=trainable,
+                    predicted_oft_ratio=predicted,
+                )
+            )
+            print(f"{shape.label:32s} {method:22s} {seconds * 1e3:9.2f} ms  x{seconds / floor_time:5.2f}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| layer | method | trainable | ms | × frozen | predicted × | saved for backward (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        predicted = f"{row['predicted_oft_ratio']:.2f}" if row["method"] == "conftrl OFT" and row["predicted_oft_ratio"] else ""
+        lines.append(
+            f"| {row['shape']} | {row['method']} | {row['trainable']:,} | {row['ms']:.1f} | "
+            f"{row['ratio_to_frozen']:.2f} | {predicted} | {row['saved_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """conftrl OFT against the targets: the FLOP prediction and PEFT, per shape."""
+    lines = []
+    for label in dict.fromkeys(r["shape"] for r in rows):
+        by_method = {r["method"]: r for r in rows if r["shape"] == label}
+        oft = by_method["conftrl OFT"]
+        parts = [f"{label}: conftrl/PEFT-Neumann {oft['ms'] / by_method['PEFT OFT (Neumann)']['ms']:.2f}"]
+        parts.append(f"conftrl/PEFT-exact {oft['ms'] / by_method['PEFT OFT (exact)']['ms']:.2f}")
+        lora = next(r for m, r in by_method.items() if m.startswith("PEFT LoRA"))
+        parts.append(f"conftrl/LoRA {oft['ms'] / lora['ms']:.2f}")
+        if oft["predicted_oft_ratio"]:
+            parts.append(f"overhead/prediction {oft['ratio_to_frozen'] / oft['predicted_oft_ratio']:.2f}")
+        lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    parser.add_argument("--out", default=None, help="write rows as JSON here")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"device: {device_name}, threads: {torch.get_num_threads()}, dtype: {args.dtype}, torch {torch.__version__}")
+    rows = run(args)
+    print()
+    print(markdown(rows))
+    print()
+    print(summary(rows))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"device": device_name, "dtype": args.dtype, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
