@@ -1,1 +1,35 @@
-"""Datamodules that turn images and captions into conftrl training batches."""
+"""Datamodules that turn images and captions into conftrl training batches.
+
+Public API (stable names):
+
+* `ShapesWorldDataModule`, `FolderDataModule` — LightningDataModules; both subclass
+  `ControlDataModule` and take an ``annotator`` plus ``resolution``, ``batch_size``,
+  ``num_workers``, ``seed``, ``proportion_empty_prompts`` and ``on_bad_sample``.
+* `datamodules.annotators` — Canny, depth, segmentation and precomputed controls.
+* `datamodules.shapesworld` — the synthetic world and its vocabulary (`COLORS`,
+  `SHAPE_COLORS`, `BACKGROUND_COLORS`, `SHAPES`, `CLASS_NAMES`, `VOCABULARY`).
+* `BadSampleError` — the one error bad input raises.
+
+A batch is a dict:
+
+=========  ==========================  =====================================================
+key        type                        meaning
+=========  ==========================  =====================================================
+image      float32 B×3×H×W in [-1, 1]  the RGB training image
+control    float32 B×3×H×W in [0, 1]   the control image (RGB)
+caption    list[str]                   caption, "" when dropped for classifier-free guidance
+key        list[str]                   sample identity: path relative to the data folder,
+                                       or ``shapesworld/<split>/<index>``
+depth      float32 B×1×H×W in [0, 1]   near = 1; ShapesWorld always, folders when the
+                                       control is depth
+labels     int64 B×H×W                 class map; ShapesWorld always (`CLASS_NAMES`),
+                                       folders when the control is segmentation
+scene      list[dict]                  ShapesWorld only: JSON-able scene description
+                                       (`datamodules.shapesworld.Scene.to_json`)
+=========  ==========================  =====================================================
+"""
+
+from datamodules.datamodule import ControlDataModule, FolderDataModule, ShapesWorldDataModule
+from datamodules.errors import BadSampleError
+
+__all__ = ["BadSampleError", "ControlDataModule", "FolderDataModule", "ShapesWorldDataModule"]

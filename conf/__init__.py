@@ -1,0 +1,1 @@
+"""Hydra configuration tree, importable as the package `conftrl.conf` when installed."""

@@ -1,0 +1,154 @@
+"""Callbacks that watch a run: sample grids, control fidelity, hyperspherical energy; and EMA.
+
+The watchers act at the end of each validation (cadence: `trainer.val_check_interval`) on
+global rank 0, read the module, and never change what trains. Sampling uses its own seeded
+generators. `EMA` is the exception that says so: it averages the trainable weights.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+
+from conftrl.evaluation import fidelity, first_items, sample_grid
+from conftrl.fidelity import FIDELITY_SCORERS
+from conftrl.images import save_png
+from conftrl.metrics import energy_summary, rotation_stats
+
+
+def _skip(trainer: Trainer) -> bool:
+    return trainer.sanity_checking or not trainer.is_global_zero
+
+
+class SampleGrid(Callback):
+    """Each row: a validation control, then one sample per seed for its caption."""
+
+    def __init__(self, num_rows: int, seeds: list[int], sampling: dict, output_dir: str):
+        self.num_rows, self.seeds, self.sampling = num_rows, list(seeds), dict(sampling)
+        self.output_dir = Path(output_dir)
+        self.rows: dict | None = None
+
+    def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        if _skip(trainer):
+            return
+        if self.rows is None:
+            self.rows = first_items(trainer.datamodule.val_dataloader(), self.num_rows)
+        grid = sample_grid(partial(module.sample, **self.sampling), self.rows, self.seeds)
+        save_png(grid, self.output_dir / f"step_{trainer.global_step:06d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [grid], step=trainer.global_step, caption=[" | ".join(self.rows["caption"])])
+
+
+class ControlFidelity(Callback):
+    """Scores samples for the first `num_images` validation controls (seed = index)."""
+
+    def __init__(self, metric: str, num_images: int, batch_size: int, sampling: dict):
+        if metric not in FIDELITY_SCORERS:
+            raise ValueError(f"unknown fidelity metric {metric!r}; choose one of {', '.join(FIDELITY_SCORERS)}")
+        self.score = FIDELITY_SCORERS[metric]
+        self.num_images, self.batch_size, self.sampling = num_images, batch_size, dict(sampling)
+        self.items: dict | None = None
+
+    def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        if _skip(trainer):
+            return
+        if self.items is None:
+            self.items = first_items(trainer.datamodule.val_dataloader(), self.num_images)
+        scores = fidelity(partial(module.sample, **self.sampling), self.items, self.score, self.batch_size)
+        for name, value in scores.items():
+            module.log(f"val/{name}", value, rank_zero_only=True)
+
+
+class EnergyMonitor(Callback):
+    """Hyperspherical energy of the UNet's layers and its change since the run began, plus
+    ‖R − I‖_F of OFT rotations. The starting energies are checkpointed, so a resumed run
+    still compares against the frozen base."""
+
+    def __init__(self):
+        self.reference: dict[str, float] | None = None
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        if self.reference is None and trainer.is_global_zero:
+            self.reference = energy_summary(module.unet).per_layer
+
+    def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        if _skip(trainer) or self.reference is None:
+            return
+        summary = energy_summary(module.unet, reference=self.reference)
+        values = {**summary.log_dict("he"), **{f"oft/{k}": v for k, v in rotation_stats(module.unet).items()}}
+        for name, value in values.items():
+            module.log(name, value, rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.reference = state_dict["reference"]
+
+
+class EMA(Callback):
+    """Exponential moving average of the trainable weights (the frozen ones never change).
+
+    Training steps use the live weights; validation during fit swaps the average in and back
+    out, and at the end of fit the average becomes the weights, so the final validation and
+    the exported adapter use it. The average is checkpointed: a resumed run continues it.
+    The one callback that changes the module, and only by swapping whole tensors.
+    """
+
+    def __init__(self, decay: float = 0.999):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.average: dict[str, torch.Tensor] | None = None
+        self.updated_at_step = -1
+
+    @staticmethod
+    def _trainable(module: LightningModule) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        live = self._trainable(module)
+        if self.average is None:
+            self.average = {name: p.detach().clone() for name, p in live.items()}
+        else:  # restored from a checkpoint
+            self.average = {name: self.average[name].to(p.device, p.dtype) for name, p in live.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
+        if trainer.global_step == self.updated_at_step:  # gradient accumulation: no step yet
+            return
+        self.updated_at_step = trainer.global_step
+        for name, p in self._trainable(module).items():
+            self.average[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def _swap(self, module: LightningModule) -> None:
+        for name, p in self._trainable(module).items():
+            live = p.detach().clone()
+            p.copy_(self.average[name])
+            self.average[name].copy_(live)
+
+    def on_validation_start(self, trainer: Trainer, module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._swap(module)
+
+    def on_validation_end(self, trainer: Trainer, module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._swap(module)
+
+    @torch.no_grad()
+    def on_fit_end(self, trainer: Trainer, module: LightningModule) -> None:
+        for name, p in self._trainable(module).items():
+            p.copy_(self.average[name])
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "updated_at_step": self.updated_at_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.average, self.updated_at_step = state_dict["average"], state_dict["updated_at_step"]

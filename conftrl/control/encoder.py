@@ -1,0 +1,81 @@
+"""The paper's control encoder: a small conv net from the control image to UNet features."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+# Hidden widths of the paper's 8 convs (3->16->16->32->32->96->96->256->320);
+# the stride-2 convs are those at STRIDE_POSITIONS, one per halving of the resolution.
+PAPER_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
+STRIDE_POSITIONS = (2, 4, 6)
+
+
+def zero_conv(channels_in: int, channels_out: int, stride: int = 1) -> nn.Conv2d:
+    """Zero-initialised so the control path starts as an exact no-op on the base model."""
+    conv = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ControlEncoder(ModelMixin, ConfigMixin):
+    """Maps a control image (B×3×H×W in [0,1]) to features at the UNet's `conv_in` resolution.
+
+    With `scale_channels`, it also emits one feature map per UNet down block (multi-scale
+    variant): each extra scale is a conv from the previous scale (stride 2 where the block
+    halves the resolution) followed by a zero conv.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        out_channels: int = 320,
+        downsample_factor: int = 8,
+        control_channels: int = 3,
+        widths: tuple[int, ...] = PAPER_WIDTHS,
+        scale_channels: tuple[int, ...] = (),
+        scale_strides: tuple[int, ...] = (),
+    ):
+        super().__init__()
+        halvings = int(math.log2(downsample_factor))
+        if 2**halvings != downsample_factor or halvings > len(STRIDE_POSITIONS):
+            raise ValueError(f"downsample_factor must be 1, 2, 4 or 8, got {downsample_factor}")
+        strides = [2 if i in STRIDE_POSITIONS[:halvings] else 1 for i in range(len(widths))]
+        layers, channels = [], control_channels
+        for width, stride in zip(widths, strides):
+            layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.SiLU()]
+            channels = width
+        self.stem = nn.Sequential(*layers)
+        self.out = zero_conv(channels, out_channels)
+        self.scales = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, stride=s, padding=1), nn.SiLU())
+            for s in scale_strides
+        )
+        self.scale_outs = nn.ModuleList(zero_conv(channels, c) for c in scale_channels)
+
+    def forward(self, control: torch.Tensor) -> list[torch.Tensor]:
+        hidden = self.stem(control)
+        features = [self.out(hidden)]
+        for scale, out in zip(self.scales, self.scale_outs):
+            hidden = scale(hidden)
+            features.append(out(hidden))
+        return features
+
+
+def encoder_for_unet(unet, vae_scale_factor: int, multiscale: bool = False) -> ControlEncoder:
+    """Size the encoder from the UNet it feeds: SD 1.5 gets the paper's widths; a narrower
+    UNet gets them capped at its `conv_in` width."""
+    out_channels = unet.conv_in.out_channels
+    blocks = list(unet.down_blocks) if multiscale else []
+    return ControlEncoder(
+        out_channels=out_channels,
+        downsample_factor=vae_scale_factor,
+        widths=tuple(min(w, out_channels) for w in PAPER_WIDTHS),
+        scale_channels=tuple(unet.config.block_out_channels[: len(blocks)]),
+        scale_strides=tuple(1 if block.downsamplers is None else 2 for block in blocks),
+    )

@@ -1,0 +1,154 @@
+"""Control paths: how a control image reaches the frozen UNet.
+
+`EncoderControl` is the paper's: a control encoder whose features are added to the output of
+the UNet's `conv_in` (and, multi-scale, of each down block) by forward hooks, so diffusers
+code stays untouched and any pipeline that calls the UNet is controlled. `ControlNetControl`
+is the ControlNet baseline, diffusers' `ControlNetModel` feeding residuals to the UNet.
+Both expose the same three things: `predict` for a training step, `pipeline` and
+`pipeline_kwargs` + `applied` for sampling.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from torch import nn
+
+from conftrl.control.encoder import ControlEncoder, encoder_for_unet
+
+
+def _add(output: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    # Under classifier-free guidance the UNet batch is [uncond; cond]: control enters both.
+    return output + feature.repeat(output.shape[0] // feature.shape[0], 1, 1, 1).to(output.dtype)
+
+
+class AddControlFeature:
+    """Forward hook adding the control path's `index`-th feature map to a UNet block's output.
+
+    An object rather than a closure: the hook lives in the UNet, which DDP's spawn start
+    method pickles into every worker.
+    """
+
+    def __init__(self, control: EncoderControl, index: int):
+        self.control, self.index = control, index
+
+    def __call__(self, module, args, output):
+        features = self.control.features
+        if features is None:
+            return output
+        feature = features[self.index]
+        if isinstance(output, torch.Tensor):  # conv_in
+            return _add(output, feature)
+        hidden, skips = output  # a down block: its output is also its last skip connection
+        return _add(hidden, feature), (*skips[:-1], _add(skips[-1], feature))
+
+
+class EncoderControl(nn.Module):
+    """The paper's control path; only the encoder is a submodule (the UNet is not owned)."""
+
+    folder = "control_encoder"
+
+    def __init__(self, encoder: ControlEncoder, unet):
+        super().__init__()
+        self.encoder = encoder
+        self.features: list[torch.Tensor] | None = None  # set only inside `applied`
+        targets = [unet.conv_in, *unet.down_blocks][: 1 + len(encoder.scale_outs)]
+        self._hooks = [target.register_forward_hook(AddControlFeature(self, i)) for i, target in enumerate(targets)]
+
+    @contextmanager
+    def applied(self, control: torch.Tensor):
+        """Within this block every UNet call gets `control`'s features."""
+        self.features = self.encoder(control)
+        try:
+            yield
+        finally:
+            self.features = None
+
+    def predict(self, unet, noisy, timesteps, text, control) -> torch.Tensor:
+        with self.applied(control):
+            return unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+    def pipeline(self, base, scheduler) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def pipeline_kwargs(self, control: torch.Tensor) -> dict:
+        return {}
+
+    def save(self, directory: Path) -> None:
+        self.encoder.save_pretrained(directory / self.folder)
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+class ControlNetControl(nn.Module):
+    """The ControlNet baseline: a trainable copy of the UNet's encoder half."""
+
+    folder = "controlnet"
+
+    def __init__(self, controlnet: ControlNetModel):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def applied(self, control: torch.Tensor):
+        return nullcontext()
+
+    def predict(self, unet, noisy, timesteps, text, control) -> torch.Tensor:
+        down, mid = self.controlnet(
+            noisy, timesteps, encoder_hidden_states=text, controlnet_cond=control, return_dict=False
+        )
+        return unet(
+            noisy, timesteps, encoder_hidden_states=text,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample
+
+    def pipeline(self, base, scheduler) -> StableDiffusionControlNetPipeline:
+        return StableDiffusionControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            controlnet=self.controlnet, scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def pipeline_kwargs(self, control: torch.Tensor) -> dict:
+        return {"image": control}
+
+    def save(self, directory: Path) -> None:
+        self.controlnet.save_pretrained(directory / self.folder)
+
+    def remove_hooks(self) -> None:
+        pass
+
+
+CONTROL_PATHS = ("conv_in", "multiscale", "controlnet")
+
+
+def build_control_path(kind: str, unet, vae_scale_factor: int) -> nn.Module:
+    """A fresh control path of `kind` (one of CONTROL_PATHS) sized for `unet`."""
+    if kind == "controlnet":
+        halvings = vae_scale_factor.bit_length() - 1
+        widths = tuple(min(w, unet.conv_in.out_channels) for w in (16, 32, 96, 256))
+        return ControlNetControl(
+            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths[: halvings + 1])
+        )
+    if kind in ("conv_in", "multiscale"):
+        return EncoderControl(encoder_for_unet(unet, vae_scale_factor, kind == "multiscale"), unet)
+    raise ValueError(f"unknown control path {kind!r}; choose one of {', '.join(CONTROL_PATHS)}")
+
+
+def load_control_path(directory: Path, unet) -> nn.Module:
+    """The control path saved in an adapter folder by `save`."""
+    if (directory / ControlNetControl.folder).is_dir():
+        return ControlNetControl(ControlNetModel.from_pretrained(directory / ControlNetControl.folder))
+    if (directory / EncoderControl.folder).is_dir():
+        return EncoderControl(ControlEncoder.from_pretrained(directory / EncoderControl.folder), unet)
+    raise FileNotFoundError(
+        f"{str(directory)!r} holds no control path ({EncoderControl.folder}/ or {ControlNetControl.folder}/)"
+    )

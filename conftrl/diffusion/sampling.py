@@ -1,0 +1,48 @@
+"""Controlled sampling with diffusers pipelines and seeded, per-image generators."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
+
+
+@torch.no_grad()
+def sample_images(
+    base,
+    control_path,
+    prompts: list[str],
+    control: torch.Tensor,
+    seeds: list[int],
+    steps: int = 20,
+    cfg_scale: float = 4.0,
+    sampler: str = "ddim",
+    progress: bool = False,
+) -> np.ndarray:
+    """One image per (prompt, control image, seed): uint8 array B×H×W×3.
+
+    Control enters both classifier-free-guidance branches (the control path repeats its
+    features over the pipeline's [uncond; cond] batch, or the ControlNet pipeline does).
+    CPU generators keep the images identical across devices for the same seeds.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not len(prompts) == len(control) == len(seeds):
+        raise ValueError("prompts, control images and seeds must have the same length")
+    pipe = control_path.pipeline(base, SAMPLERS[sampler].from_config(base.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    control = control.to(base.unet.device, base.unet.dtype)
+    with control_path.applied(control):
+        images = pipe(
+            prompt=list(prompts),
+            height=control.shape[-2],
+            width=control.shape[-1],
+            num_inference_steps=steps,
+            guidance_scale=cfg_scale,
+            generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
+            output_type="np",
+            **control_path.pipeline_kwargs(control),
+        ).images
+    return (images * 255).round().astype(np.uint8)

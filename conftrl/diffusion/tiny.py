@@ -1,0 +1,157 @@
+"""Build a tiny Stable-Diffusion-shaped pipeline from random weights.
+
+The same architecture as SD 1.5 (AutoencoderKL, CLIP text encoder, UNet2DConditionModel,
+DDPM noise schedule), shrunk so a CPU can train it. Tests build one per session; the
+pretraining command starts the embedded base from it. Nothing is downloaded: the tokenizer
+is trained here on a word list.
+
+    python -m conftrl.diffusion.tiny OUTPUT_DIR [--resolution 64] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words of captions about simple scenes; any other lowercase word still tokenizes into
+# sub-words because every character is in the vocabulary.
+DEFAULT_WORDS = tuple(
+    """a an the one two three four of and with on in at near small large big tiny
+    red green blue yellow orange purple pink cyan magenta white black gray grey brown
+    circle circles square squares triangle triangles star stars ring rings rectangle
+    ellipse shape shapes background left right top bottom center middle above below
+    picture photo image scene""".split()
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny SD-architecture pipeline; the defaults are the embedded base's."""
+
+    resolution: int = 64
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # n blocks -> latents 2**(n-1) times smaller
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    attention_head_dim: int = 8
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    max_tokens: int = 16
+    words: tuple[str, ...] = field(default=DEFAULT_WORDS)
+
+
+def build_tokenizer(words: tuple[str, ...], max_tokens: int) -> CLIPTokenizer:
+    """A small BPE tokenizer with CLIP's special tokens, trained on `words` offline."""
+    bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
+    alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) * 2 + len(words) * 4,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    # Single characters as words give every character an end-of-word token too.
+    bpe.train_from_iterator([*words, *alphabet], trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        special_tokens=[(BOS, bpe.token_to_id(BOS)), (EOS, bpe.token_to_id(EOS))],
+    )
+    return CLIPTokenizer(tokenizer_object=bpe, model_max_length=max_tokens)
+
+
+def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0) -> StableDiffusionPipeline:
+    """Random-weight pipeline; cross-attention is kept out of the highest-resolution block
+    because there it costs ~10x the rest of the UNet on a CPU."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(spec.words, spec.max_tokens)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            intermediate_size=spec.text_hidden * 4,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=spec.max_tokens,
+            projection_dim=spec.text_hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    n_vae = len(spec.vae_channels)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=spec.vae_channels,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.norm_groups,
+        sample_size=spec.resolution,
+    )
+    n_unet = len(spec.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=spec.resolution // 2 ** (n_vae - 1),
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_unet - 1) + ("UpBlock2D",),
+        block_out_channels=spec.unet_channels,
+        layers_per_block=spec.layers_per_block,
+        norm_num_groups=spec.norm_groups,
+        cross_attention_dim=spec.text_hidden,
+        attention_head_dim=spec.attention_head_dim,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,  # DDIM and friends derived from this config need it
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(directory: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Build a tiny pipeline and save it as a diffusers folder; returns the folder."""
+    directory = Path(directory)
+    build_tiny_pipeline(spec, seed).save_pretrained(directory)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--resolution", type=int, default=TinySpec.resolution)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = save_tiny_pipeline(args.output_dir, TinySpec(resolution=args.resolution), args.seed)
+    print(f"saved a random tiny pipeline to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The LightningModule: frozen base + the method's trainable part + a control path.
+
+The one place a training step is defined. Checkpoints hold only what trains (plus the
+optimiser), and a checkpoint of another method or model is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from lightning import LightningModule
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+from conftrl.control import build_control_path
+from conftrl.diffusion import DiffusionBase
+from conftrl.diffusion.objective import encode_prompts, training_target
+from conftrl.diffusion.sampling import sample_images
+from conftrl.methods import Method
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops before the optimiser step."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by another method, control path or model shape."""
+
+
+class ControlModule(LightningModule):
+    def __init__(self, base: DiffusionBase, method: Method, gradient_checkpointing: bool = False, seed: int = 0):
+        super().__init__()
+        self.base, self.method, self.seed = base, method, seed
+        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        # The control path first: ControlNet copies the UNet's weights before any adapter.
+        self.control = build_control_path(method.control_path, base.unet, base.vae_scale_factor)
+        method.adapt(base)
+        if gradient_checkpointing:
+            for model in (self.unet, *self.control.children()):
+                if getattr(model, "_supports_gradient_checkpointing", False):
+                    model.enable_gradient_checkpointing()
+        # Frozen weights never enter a checkpoint, so loading is checked by `on_load_checkpoint`.
+        self.strict_loading = False
+
+    def on_fit_start(self) -> None:
+        # The frozen base stays in eval mode on purpose (its dropout must not act while the
+        # adapter trains); Lightning warns about every module in eval mode right after this hook.
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+
+    # --- what trains ---------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Size]:
+        return {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
+
+    @property
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # --- the training step -----------------------------------------------------------------
+
+    def _generator(self, *stream: int) -> torch.Generator:
+        """Randomness derived from (seed, stream, step, batch, rank) rather than a global RNG, so a run
+        resumed from a checkpoint draws exactly the noise the uninterrupted run would."""
+        state = np.random.SeedSequence([self.seed, *stream, self.global_rank]).generate_state(1)[0]
+        return torch.Generator(self.device).manual_seed(int(state))
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        image, control = batch["image"], batch["control"]
+        with torch.no_grad():
+            latents = self.vae.encode(image).latent_dist.sample(generator)
+            latents = latents * self.vae.config.scaling_factor
+        with torch.set_grad_enabled(self.method.text_encoder and self.training):
+            text = encode_prompts(self.base.tokenizer, self.text_encoder, batch["caption"])
+        scheduler = self.base.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=self.device
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.control.predict(self.unet, noisy, timesteps, text, control)
+        return F.mse_loss(prediction.float(), training_target(scheduler, latents, noise, timesteps).float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, self._generator(0, self.global_step, batch_idx))
+        if not torch.isfinite(loss):
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+            last = os.path.realpath(last) if last else "none saved yet"
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.global_step}; stopped before the optimiser step. "
+                f"Last good checkpoint: {last}"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # The same noise for every evaluation, so validation losses are comparable over time.
+        loss = self.diffusion_loss(batch, self._generator(1, batch_idx))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+
+    def configure_optimizers(self):
+        method = self.method
+        optimizer = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=method.lr, weight_decay=method.weight_decay
+        )
+        schedule = get_scheduler(
+            method.lr_scheduler, optimizer, num_warmup_steps=method.warmup_steps,
+            num_training_steps=self.trainer.estimated_stepping_batches,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- sampling (for callbacks, generate and evaluate) --------------------------------------
+
+    def sample(self, prompts: list[str], control: torch.Tensor, seeds: list[int], **sampling) -> np.ndarray:
+        """uint8 images B×H×W×3, in eval mode (no module dropout), restoring the mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            return sample_images(self.base, self.control, prompts, control, seeds, **sampling)
+        finally:
+            self.train(was_training)
+
+    # --- checkpoints: trainable state only ----------------------------------------------------
+
+    def _fingerprint(self) -> dict:
+        return {
+            "method": self.method.name,
+            "control_path": self.method.control_path,
+            "trainable": {name: list(shape) for name, shape in self.trainable_state().items()},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self.trainable_state()
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(f"refusing to checkpoint non-finite weights: {bad[:3]}")
+        checkpoint["state_dict"] = state
+        checkpoint["conftrl"] = self._fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("conftrl")
+        if saved is None:
+            raise CheckpointMismatchError("not a conftrl checkpoint (no 'conftrl' entry)")
+        mine = self._fingerprint()
+        for key in ("method", "control_path"):
+            if saved[key] != mine[key]:
+                raise CheckpointMismatchError(
+                    f"checkpoint was trained with {key}={saved[key]!r}, this run uses {mine[key]!r}"
+                )
+        if saved["trainable"] != mine["trainable"]:
+            theirs, ours = saved["trainable"], mine["trainable"]
+            differ = sorted(n for n in theirs.keys() | ours.keys() if theirs.get(n) != ours.get(n))
+            raise CheckpointMismatchError(
+                f"checkpoint's trainable weights do not match this model (e.g. {differ[:3]}); "
+                "was it trained with another r, target set or base model?"
+            )
+        if set(checkpoint["state_dict"]) != set(mine["trainable"]):
+            raise CheckpointMismatchError("checkpoint's state_dict does not hold every trainable weight")

@@ -1,0 +1,69 @@
+"""Train a control adapter into a frozen text-to-image model.
+
+    python -m conftrl.train experiment=canny_coft [trainer.max_steps=100] [method.r=8] ...
+    python -m conftrl.train -m experiment=canny_coft method.r=2,4 method.eps=1e-4,1e-3
+
+Composes the Hydra config, instantiates datamodule, module, callbacks, loggers and trainer,
+fits, validates once more at the end, and exports the adapter folder.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from conftrl.config import config_dir, register_resolvers
+from conftrl.diffusion import load_base
+from conftrl.export import export_adapter
+from conftrl.module import ControlModule
+from conftrl.wandb_runs import finish_wandb_run, keep_wandb_files_in_run_dir
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Every `_target_` entry of a config group that holds several (callbacks, loggers)."""
+    return [instantiate(node) for node in (group or {}).values() if node and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, validate and export; returns the final metrics (for sweeps and tests)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = ControlModule(
+        load_base(cfg.model.path), instantiate(cfg.method), cfg.model.gradient_checkpointing, cfg.seed
+    )
+    trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False
+    )
+    keep_wandb_files_in_run_dir(trainer)
+    run_info = {"trainable_parameters": module.num_trainable_parameters}
+    log.info("method %s: %s trainable parameters", cfg.method.name, f"{module.num_trainable_parameters:,}")
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_info})
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.validate(module, datamodule=datamodule)
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            path = export_adapter(module, cfg, cfg.export_dir)
+            log.info("adapter written to %s", path)
+    finally:
+        finish_wandb_run(trainer)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""On-disk cache of expensive annotations (estimator outputs), one ``.npy`` per entry.
+
+An entry's key hashes the source file's identity (resolved path, size, modification time)
+and the annotator's parameters, so editing the file or changing a parameter misses, while
+rerunning the same configuration hits. Entries are written atomically (temporary file,
+then rename), so dataloader workers may share a directory, and read with
+``allow_pickle=False``: a cache directory never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+
+class AnnotationCache:
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, path: str | os.PathLike, params: Mapping) -> str:
+        stat = os.stat(path)
+        identity = {
+            "path": str(Path(path).resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "params": params,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def get_or_compute(self, path: str | os.PathLike, params: Mapping, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        key = self.key(path, params)
+        entry = self.directory / key[:2] / f"{key}.npy"
+        if entry.exists():
+            self.hits += 1
+            return np.load(entry, allow_pickle=False)
+        self.misses += 1
+        array = np.asarray(compute())
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_name(f"{entry.stem}.{os.getpid()}.partial.npy")
+        np.save(partial, array, allow_pickle=False)
+        os.replace(partial, entry)
+        return array

@@ -1,0 +1,143 @@
+"""From a source of samples to training tensors: annotate, transform, drop captions, collate.
+
+Reproducibility does not depend on workers: every random choice for a training sample
+(crop, flip, Canny thresholds, caption dropout) comes from a generator seeded with
+``(seed, epoch, index)``. `EpochSampler` hands the dataset ``(index, epoch)`` keys, so the
+same seed gives the same epochs with 0, 2 or 16 workers, and a resumed run (Lightning calls
+``set_epoch``) continues where it stopped.
+
+Bad samples under ``on_bad_sample: skip`` are replaced by the next good sample in index
+order — deterministic, and the epoch keeps its length — and each replacement is logged with
+a running count (per process: each worker counts its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from datamodules.errors import BadSampleError
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 100
+
+
+class ControlDataset(Dataset):
+    """Samples of `source` as tensors: ``image``, ``control``, ``caption``, ``key`` and any of
+    ``depth``, ``labels``, ``scene`` that the source or annotator supplies (see `datamodules`).
+
+    `train` switches on random augmentation and caption dropout; evaluation samples are a
+    fixed function of the index.
+    """
+
+    def __init__(
+        self,
+        source,
+        annotator,
+        transform,
+        *,
+        seed: int = 0,
+        train: bool = False,
+        proportion_empty_prompts: float = 0.0,
+        on_bad_sample: str = "error",
+    ):
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.source, self.annotator, self.transform = source, annotator, transform
+        self.seed, self.train = int(seed), train
+        self.proportion_empty_prompts, self.on_bad_sample = float(proportion_empty_prompts), on_bad_sample
+        self.substituted = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD)):
+            candidate = (index + offset) % len(self)
+            try:
+                return self._build(candidate, epoch)
+            except BadSampleError as err:
+                if self.on_bad_sample == "error":
+                    raise
+                self.substituted += 1
+                log.warning("bad sample %s; using the next sample instead (%d substituted in this process)", err, self.substituted)
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive bad samples from index {index}; see the warnings above")
+
+    def _build(self, index: int, epoch: int) -> dict:
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+        sample = self.transform(self.annotator.prepare(self.source[index]), rng)
+        image = sample["image"]
+        control = self.annotator(image, sample, rng)
+        if control.shape != image.shape or control.dtype != np.uint8:
+            raise TypeError(
+                f"{type(self.annotator).__name__} returned {control.dtype} {control.shape}; "
+                f"the contract is uint8 {image.shape}"
+            )
+        caption = sample["caption"]
+        if rng is not None and rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        item = {
+            "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0),
+            "control": torch.from_numpy(control).permute(2, 0, 1).float().div_(255.0),
+            "caption": caption,
+            "key": sample["key"],
+        }
+        if "depth" in sample:
+            item["depth"] = torch.from_numpy(np.asarray(sample["depth"], np.float32))[None]
+        if "labels" in sample:
+            item["labels"] = torch.from_numpy(np.asarray(sample["labels"], np.int64))
+        if "scene" in sample:
+            item["scene"] = sample["scene"]
+        return item
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)``: a permutation seeded by ``(seed, epoch)`` (or index order).
+
+    Each pass advances the epoch by itself; ``set_epoch`` (called by Lightning) fixes it.
+    """
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True):
+        self.length, self.seed, self.shuffle = int(length), int(seed), shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.length) if self.shuffle else range(self.length)
+        return iter([(int(index), epoch) for index in order])
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors; keep strings and scene descriptions as lists."""
+    return {
+        key: torch.stack([item[key] for item in items]) if torch.is_tensor(items[0][key]) else [item[key] for item in items]
+        for key in items[0]
+    }
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed a worker's global RNGs from its DataLoader seed.
+
+    The pipeline's own randomness is per sample and needs none of this; it makes third-party
+    randomness (estimators, user code) reproducible too. (It leaves OpenCV's thread count
+    alone: `cv2.setNumThreads` in a forked worker deadlocks once the parent has used OpenCV.)
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setRNGSeed(seed % 2**31)

@@ -1,0 +1,30 @@
+"""Photograph-like test images, made and written without any downloaded data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def make_photo(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
+    """A natural-looking uint8 RGB image: lit gradient, blurred objects, sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([90 + 60 * y / height, 130 + 50 * y / height, 200 - 40 * x / width], axis=-1)
+    image = sky.astype(np.float32)
+    for _ in range(6):
+        color = rng.uniform(20, 235, 3).tolist()
+        center = (int(rng.integers(width)), int(rng.integers(height)))
+        axes = (int(rng.integers(2, max(3, width // 3))), int(rng.integers(2, max(3, height // 3))))
+        cv2.ellipse(image, center, axes, float(rng.uniform(0, 180)), 0, 360, color, cv2.FILLED, cv2.LINE_AA)
+    image = cv2.GaussianBlur(image, (3, 3), 0.8) + rng.normal(0, 4, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_rgb(path: Path, image: np.ndarray) -> Path:
+    """Write an RGB (or single-channel) array; the format follows the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]) if image.ndim == 3 else image)
+    return path

@@ -1,0 +1,218 @@
+"""Image folders: the three formats, maps beside images, and every kind of bad input."""
+
+import json
+import logging
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from synthetic_photos import make_photo, write_rgb
+
+from datamodules import BadSampleError, FolderDataModule
+from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl, SegmentationAnnotator
+
+
+def load_all(root, annotator=None, split="train", **kwargs) -> list[dict]:
+    """Every batch of one split, after setup, with a small resolution."""
+    settings = dict(resolution=32, batch_size=4, val_fraction=0.0) | kwargs
+    datamodule = FolderDataModule(annotator or CannyAnnotator(), str(root), **settings)
+    datamodule.setup("fit" if split == "train" else "test")
+    loader = datamodule.train_dataloader() if split == "train" else datamodule.test_dataloader()
+    return list(loader)
+
+
+def keys(batches) -> list[str]:
+    return sorted(key for batch in batches for key in batch["key"])
+
+
+def test_txt_pairs_give_documented_batches(txt_folder):
+    batches = load_all(txt_folder)
+    assert keys(batches) == [f"img_{i}.jpg" for i in range(6)]
+    batch = batches[0]
+    assert set(batch) == {"image", "control", "caption", "key"}
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert -1 <= batch["image"].min() and batch["image"].max() <= 1
+    assert batch["control"].shape == (4, 3, 32, 32) and set(batch["control"].unique().tolist()) <= {0.0, 1.0}
+    assert all(caption.startswith("photo number") for caption in batch["caption"])
+
+
+def test_imagefolder_with_conditioning_images(imagefolder):
+    batches = load_all(imagefolder, PrecomputedControl(), resolution=64, crop="center")
+    assert keys(batches) == [f"images/{i}.png" for i in range(4)]
+    batch = batches[0]
+    for image, control in zip(batch["image"], batch["control"]):
+        # The stored control is Canny of the image: the two line up after resize and crop.
+        rgb = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        redone = cv2.Canny(rgb, 100, 200) > 0
+        stored = control[0].numpy() > 0.5
+        assert (stored & cv2.dilate(redone.astype(np.uint8), np.ones((3, 3))).astype(bool)).sum() > 0.8 * stored.sum()
+
+
+def test_controlnet_prompt_json(tmp_path):
+    lines = []
+    for i in range(3):
+        write_rgb(tmp_path / "target" / f"{i}.png", make_photo(48, 48, seed=i))
+        write_rgb(tmp_path / "source" / f"{i}.png", np.full((48, 48, 3), 60 * i, np.uint8))
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"fill {i}"}))
+    (tmp_path / "prompt.json").write_text("\n".join(lines))
+    batches = load_all(tmp_path, PrecomputedControl(), batch_size=3)
+    batch = batches[0]
+    for key, caption, control in zip(batch["key"], batch["caption"], batch["control"]):
+        i = int(key.split("/")[1][0])
+        assert caption == f"fill {i}" and control.mean().item() == pytest.approx(60 * i / 255)
+
+
+def test_explicit_format_overrides_detection(txt_folder):
+    (txt_folder / "prompt.json").write_text("")  # would be detected first, and is empty
+    assert len(keys(load_all(txt_folder, format="txt"))) == 6
+    with pytest.raises(ValueError, match="no images found"):
+        load_all(txt_folder)
+
+
+def test_maps_beside_images_feed_depth_and_segmentation(tmp_path):
+    for i in range(2):
+        write_rgb(tmp_path / f"{i}.png", make_photo(40, 40, seed=i))
+        (tmp_path / f"{i}.txt").write_text("a photo")
+        depth = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (40, 1))
+        cv2.imwrite(str(tmp_path / f"{i}.depth.png"), depth)
+        labels = np.zeros((20, 20), np.uint8)  # half the image's size: resized to it
+        labels[:, 10:] = 2
+        cv2.imwrite(str(tmp_path / f"{i}.labels.png"), labels)
+    (batch,) = load_all(tmp_path, DepthAnnotator(), crop="center")
+    assert sorted(batch["key"]) == ["0.png", "1.png"]  # map files are not images
+    assert batch["depth"].shape == (2, 1, 32, 32)
+    np.testing.assert_allclose(batch["control"][:, 0], batch["depth"][:, 0], atol=1 / 255)
+    assert (batch["depth"][:, 0, :, -1] > batch["depth"][:, 0, :, 0]).all()
+    (batch,) = load_all(tmp_path, SegmentationAnnotator(), crop="center")
+    assert set(batch["labels"].unique().tolist()) == {0, 2}
+    assert (batch["labels"][:, :, :16] == 0).all() and (batch["labels"][:, :, 16:] == 2).all()
+
+
+def test_required_map_missing_fails_at_setup(txt_folder):
+    with pytest.raises(BadSampleError, match=r"img_0.jpg: no depth map \(expected img_0.depth"):
+        load_all(txt_folder, DepthAnnotator())
+
+
+def test_small_images_are_upscaled(tmp_path):
+    write_rgb(tmp_path / "tiny.png", make_photo(10, 14))
+    (tmp_path / "tiny.txt").write_text("tiny")
+    (batch,) = load_all(tmp_path, resolution=64)
+    assert batch["image"].shape == (1, 3, 64, 64)
+
+
+def test_image_modes_are_converted_in_the_pipeline(tmp_path):
+    photo = make_photo(40, 40)
+    cv2.imwrite(str(tmp_path / "gray.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY))
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([photo, np.full((40, 40), 255, np.uint8)]))
+    cv2.imwrite(str(tmp_path / "deep.png"), photo.astype(np.uint16) * 257)
+    for name in ("gray", "rgba", "deep"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    (batch,) = load_all(tmp_path, batch_size=3, resolution=40, crop="center")
+    images = dict(zip(batch["key"], batch["image"]))
+    assert (images["gray.png"][0] == images["gray.png"][2]).all()
+    np.testing.assert_allclose(images["rgba.png"], images["deep.png"], atol=1e-6)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def damage_first_image(root):
+    path = root / "img_0.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+def test_truncated_file_raises_with_its_name_under_error(txt_folder):
+    damage_first_image(txt_folder)  # its header is intact: setup passes, decoding fails
+    with pytest.raises(BadSampleError, match="img_0.jpg.*truncated"):
+        load_all(txt_folder, batch_size=6)
+
+
+def test_truncated_file_is_substituted_under_skip_and_logged(txt_folder, caplog):
+    damage_first_image(txt_folder)
+    with caplog.at_level(logging.WARNING):
+        batches = load_all(txt_folder, batch_size=6, on_bad_sample="skip")
+    loaded = keys(batches)
+    assert len(loaded) == 6 and "img_0.jpg" not in loaded  # the epoch keeps its length
+    assert loaded.count("img_1.jpg") == 2  # replaced by the next sample in index order
+    assert "img_0.jpg" in caplog.text and "1 substituted" in caplog.text
+
+
+@pytest.mark.parametrize("problem", ["missing file", "missing key", "not json", "empty caption", "missing caption"])
+def test_bad_listings_fail_setup_or_are_skipped(imagefolder, caplog, problem):
+    lines = imagefolder.joinpath("metadata.jsonl").read_text().splitlines()
+    bad = {
+        "missing file": json.dumps({"file_name": "images/absent.png", "text": "gone"}),
+        "missing key": json.dumps({"file_name": "images/0.png"}),
+        "not json": "{file_name: images/0.png",
+        "empty caption": json.dumps({"file_name": "images/0.png", "text": " "}),
+        "missing caption": json.dumps({"file_name": "images/0.png", "text": None}),
+    }[problem]
+    imagefolder.joinpath("metadata.jsonl").write_text("\n".join([*lines, bad]) + "\n")
+    expected = {"missing file": "absent.png", "missing key": "line 5: needs keys", "not json": "line 5: not valid JSON"}
+    with pytest.raises(BadSampleError, match=expected.get(problem, "0.png: missing or empty caption")):
+        load_all(imagefolder)
+    with caplog.at_level(logging.WARNING):
+        assert len(keys(load_all(imagefolder, on_bad_sample="skip"))) == 4
+    assert "skipped 1 of 5 samples" in caplog.text
+
+
+def test_image_without_caption_file(txt_folder):
+    (txt_folder / "img_3.txt").unlink()
+    with pytest.raises(BadSampleError, match="img_3.jpg: missing or empty caption"):
+        load_all(txt_folder)
+    assert "img_3.jpg" not in keys(load_all(txt_folder, on_bad_sample="skip"))
+
+
+def test_control_of_another_aspect_ratio_is_bad_same_aspect_is_resized(imagefolder):
+    cv2.imwrite(str(imagefolder / "conditioning" / "1.png"), np.zeros((32, 48, 3), np.uint8))  # half size
+    cv2.imwrite(str(imagefolder / "conditioning" / "2.png"), np.zeros((50, 50, 3), np.uint8))  # square
+    with pytest.raises(BadSampleError, match="conditioning/2.png: map of size 50×50 does not match image 96×64"):
+        load_all(imagefolder, PrecomputedControl(), batch_size=4)
+    loaded = keys(load_all(imagefolder, PrecomputedControl(), batch_size=4, on_bad_sample="skip"))
+    assert "images/2.png" not in loaded and "images/1.png" in loaded
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: root / "absent", "data folder not found: .*absent"),
+        (lambda root: root, "found no metadata.jsonl, prompt.json or image \\+ .txt"),
+        (lambda root: (root / "notes.txt").write_text("x") and root, "found no metadata.jsonl"),
+    ],
+)
+def test_misconfigured_folders_fail_at_setup_naming_the_path(tmp_path, setup, message):
+    root = setup(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_all(root)
+
+
+def test_unknown_format_and_policy_are_refused(txt_folder):
+    with pytest.raises(ValueError, match="unknown data format 'csv'"):
+        load_all(txt_folder, format="csv")
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        load_all(txt_folder, on_bad_sample="ignore")
+
+
+def test_folder_of_only_bad_samples_fails_at_setup(txt_folder):
+    for caption in txt_folder.glob("*.txt"):
+        caption.unlink()
+    (txt_folder / "img_0.txt").write_text("")  # makes the folder look like txt pairs
+    with pytest.raises(ValueError, match="every one of its 6 samples is bad"):
+        load_all(txt_folder, on_bad_sample="skip")
+
+
+def test_splits_are_disjoint_stable_and_cover_everything(tmp_path):
+    for i in range(40):
+        write_rgb(tmp_path / f"{i:02d}.png", np.full((8, 8, 3), i, np.uint8))
+        (tmp_path / f"{i:02d}.txt").write_text("x")
+    datamodule = FolderDataModule(CannyAnnotator(), str(tmp_path), resolution=8, val_fraction=0.25, test_fraction=0.25)
+    datamodule.setup()
+    splits = {name: {r.key for r in dataset.source.records} for name, dataset in datamodule.datasets.items()}
+    assert sum(map(len, splits.values())) == 40 and set.union(*splits.values()) == {f"{i:02d}.png" for i in range(40)}
+    assert 4 <= len(splits["val"]) <= 16 and 4 <= len(splits["test"]) <= 16
+    again = FolderDataModule(CannyAnnotator(), str(tmp_path), resolution=8, val_fraction=0.25, test_fraction=0.25, seed=9)
+    again.setup()
+    assert {r.key for r in again.datasets["val"].source.records} == splits["val"]

@@ -1,0 +1,78 @@
+"""End-to-end runs of the training entry point on the tiny base (in-process, composed configs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftrl.export import load_adapter
+from conftrl.module import CheckpointMismatchError, ControlModule, NonFiniteLossError
+from conftrl.run_logs import logged_metrics
+from conftrl.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_of_every_experiment(make_config, experiment):
+    cfg = make_config(f"experiment={experiment}", "debug=fdr")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    fidelity = {"edge_f1", "seg_miou", "depth_rmse"} & {k.removeprefix("val/") for k in metrics}
+    assert len(fidelity) == 1
+    adapter = load_adapter(cfg.export_dir)
+    assert adapter.method.name == cfg.method.name
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in logged_metrics(output_dir) if "train/loss" in row}
+
+
+def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(make_config, tmp_path):
+    common = ["experiment=canny_coft", "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
+              "trainer.val_check_interval=2"]
+    straight = make_config(*common, "trainer.max_steps=4", output_dir=tmp_path / "straight")
+    train(straight)
+    interrupted = make_config(*common, "trainer.max_steps=2", output_dir=tmp_path / "resumed")
+    train(interrupted)
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all("oft_R" in k or k.startswith("control.") for k in checkpoint["state_dict"])
+    resumed = make_config(*common, "trainer.max_steps=4", "ckpt_path=last", output_dir=tmp_path / "resumed")
+    train(resumed)
+    first, second = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert set(first) == set(second) == {0, 1, 2, 3}  # the resumed run's log keeps the first part
+    for step in (2, 3):  # steps after the resume
+        assert second[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7)
+
+
+def test_checkpoint_of_another_method_is_refused(make_config, tmp_path):
+    train(make_config("experiment=canny_coft", "callbacks.model_checkpoint.every_n_train_steps=2", output_dir=tmp_path / "a"))
+    lora = make_config("experiment=canny_lora", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                       "trainer.max_steps=4", output_dir=tmp_path / "b")
+    with pytest.raises(CheckpointMismatchError, match="method='coft'.*'lora'"):
+        train(lora)
+
+
+def test_corrupt_checkpoint_is_refused(make_config, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x80\x02 truncated")
+    with pytest.raises(Exception, match="bad.ckpt|pickle|load|zip"):
+        train(make_config("experiment=canny_coft", f"ckpt_path={bad}"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, tmp_path, monkeypatch):
+    real_loss = ControlModule.diffusion_loss
+
+    def loss_that_explodes_at_step_3(self, batch, generator):
+        loss = real_loss(self, batch, generator)
+        return loss * float("nan") if self.training and self.global_step == 3 else loss
+
+    monkeypatch.setattr(ControlModule, "diffusion_loss", loss_that_explodes_at_step_3)
+    cfg = make_config("experiment=canny_coft", "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=6")
+    with pytest.raises(NonFiniteLossError, match="step 3.*step_000002.ckpt"):
+        train(cfg)
+    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert kept["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
