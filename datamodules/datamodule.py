@@ -6,16 +6,22 @@ Both take the annotator object (from ``conf/control``) and the common settings o
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 from datamodules.dataset import ControlDataset, EpochSampler, collate, seed_worker
 from datamodules.folders import FolderSource, index_folder, split_records
 from datamodules.shapesworld import ShapesWorld, WorldSpec
 from datamodules.transforms import PairedTransform
 
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": (), None: ("train", "val", "test")}
+_STAGE_SPLITS = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": (),
+    None: ("train", "val", "test"),
+}
 
 
 class ControlDataModule(L.LightningDataModule):
@@ -143,7 +149,15 @@ class FolderDataModule(ControlDataModule):
         val_fraction, test_fraction: expected shares of the val and test splits.
     """
 
-    def __init__(self, annotator, root: str, format: str = "auto", val_fraction: float = 0.05, test_fraction: float = 0.0, **common):
+    def __init__(
+        self,
+        annotator,
+        root: str,
+        format: str = "auto",
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.0,
+        **common,
+    ):
         super().__init__(annotator, **common)
         self.root, self.format = root, format
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

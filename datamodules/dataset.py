@@ -61,7 +61,8 @@ class ControlDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD)):
+        attempts = min(len(self), MAX_CONSECUTIVE_BAD)
+        for offset in range(attempts):
             candidate = (index + offset) % len(self)
             try:
                 return self._build(candidate, epoch)
@@ -69,8 +70,12 @@ class ControlDataset(Dataset):
                 if self.on_bad_sample == "error":
                     raise
                 self.substituted += 1
-                log.warning("bad sample %s; using the next sample instead (%d substituted in this process)", err, self.substituted)
-        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive bad samples from index {index}; see the warnings above")
+                log.warning(
+                    "bad sample %s; using the next sample instead (%d substituted in this process)",
+                    err,
+                    self.substituted,
+                )
+        raise RuntimeError(f"{attempts} consecutive bad samples from index {index}; see the warnings above")
 
     def _build(self, index: int, epoch: int) -> dict:
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
@@ -118,16 +123,19 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.length) if self.shuffle else range(self.length)
+        order = range(self.length)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
         return iter([(int(index), epoch) for index in order])
 
 
 def collate(items: list[dict]) -> dict:
     """Stack tensors; keep strings and scene descriptions as lists."""
-    return {
-        key: torch.stack([item[key] for item in items]) if torch.is_tensor(items[0][key]) else [item[key] for item in items]
-        for key in items[0]
-    }
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
+    return batch
 
 
 def seed_worker(worker_id: int) -> None:

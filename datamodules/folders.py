@@ -152,14 +152,19 @@ def _check(record: Record, source_map: str | None, map_required: bool) -> None:
         return
     map_path = getattr(record, source_map)
     if map_path is None and map_required:
-        expected = "a control image" if source_map == "control" else f"{record.image.stem}.{source_map}{{{','.join(MAP_SUFFIXES)}}}"
+        if source_map == "control":
+            expected = "a control image in the listing"
+        else:
+            expected = " or ".join(f"{record.image.stem}.{source_map}{suffix}" for suffix in MAP_SUFFIXES)
         raise BadSampleError(record.image, f"no {source_map} map (expected {expected})")
     if source_map == "control" and map_path is not None:
         probe_image(map_path)
 
 
 def _list_imagefolder(root: Path) -> list[Record]:
-    return _list_json_lines(root / "metadata.jsonl", image_key="file_name", caption_key="text", control_key="conditioning_image")
+    return _list_json_lines(
+        root / "metadata.jsonl", image_key="file_name", caption_key="text", control_key="conditioning_image"
+    )
 
 
 def _list_controlnet(root: Path) -> list[Record]:

@@ -16,8 +16,8 @@ from torch import nn
 
 # Batched LU (`linalg.solve`/`inv`) on CPU is unreliable for matrices wider than ~150 with more
 # than one thread (pytorch#142815: wrong pivots, garbage or hangs). Wider CPU blocks are solved
-# one at a time, which is exact and costs nothing next to the layer's own matmuls.
-_CPU_BATCHED_SOLVE_MAX_WIDTH = 64
+# one at a time, which is exact and costs little next to the layer's own matmuls.
+_CPU_BATCHED_SOLVE_MAX_WIDTH = 128
 _COFT_TOLERANCE = 1e-6
 
 
@@ -26,6 +26,28 @@ def solve_blocks(lhs: torch.Tensor, rhs: torch.Tensor, left: bool = True) -> tor
     if lhs.device.type == "cpu" and lhs.shape[-1] > _CPU_BATCHED_SOLVE_MAX_WIDTH:
         return torch.stack([torch.linalg.solve(a, b, left=left) for a, b in zip(lhs, rhs)])
     return torch.linalg.solve(lhs, rhs, left=left)
+
+
+class _Cayley(torch.autograd.Function):
+    """Q = (I + S)^-1 (I - S) with a backward made of matmuls only.
+
+    Autograd through `linalg.solve` would factorise again in backward. Here the inverse is
+    recovered from Q itself: Q = 2 (I + S)^-1 - I, so (I + S)^-1 = (Q + I) / 2 and
+    dL/dS = -1/2 (Q + I)^T G (Q + I)^T for G = dL/dQ. One solve per forward, none in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, skew: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
+        q = solve_blocks(eye + skew, eye - skew)
+        ctx.save_for_backward(q)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (q,) = ctx.saved_tensors
+        half_inverse_t = (q + torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)).transpose(-1, -2)
+        return -0.5 * half_inverse_t @ grad @ half_inverse_t
 
 
 @lru_cache(maxsize=None)
@@ -120,8 +142,7 @@ class OFTRotation(nn.Module):
         return self._cayley(skew)
 
     def _cayley(self, skew: torch.Tensor) -> torch.Tensor:
-        eye = torch.eye(self.block_size, device=skew.device, dtype=skew.dtype)
-        return solve_blocks(eye + skew, eye - skew)
+        return _Cayley.apply(skew)
 
     def _neumann(self, skew: torch.Tensor) -> torch.Tensor:
         coefficients = neumann_coefficients(self.num_cayley_neumann_terms)

@@ -43,7 +43,9 @@ class _LocalModel:
     @property
     def cache_params(self) -> dict:
         files = sorted(self.path.rglob("*")) if self.path.is_dir() else [self.path]
-        model = [[str(f.relative_to(self.path.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+        model = [
+            [str(f.relative_to(self.path.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()
+        ]
         return {"estimator": type(self).__name__, "model": model, **self._settings()}
 
     def __getstate__(self) -> dict:
@@ -76,7 +78,12 @@ class DnnDepthEstimator(_LocalModel):
         return cv2.dnn.readNet(str(self.path))
 
     def _settings(self) -> dict:
-        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "near_is_larger": self.near_is_larger}
+        return {
+            "input_size": self.input_size,
+            "mean": self.mean,
+            "std": self.std,
+            "near_is_larger": self.near_is_larger,
+        }
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         params = cv2.dnn.Image2BlobParams()

@@ -6,7 +6,7 @@ import json
 
 import cv2
 import pytest
-from synthetic_photos import make_photo, write_rgb
+from datamodules_support import make_photo, write_rgb
 
 
 @pytest.fixture
@@ -31,6 +31,7 @@ def imagefolder(tmp_path):
         image = make_photo(64, 96, seed=10 + i)
         write_rgb(tmp_path / "images" / f"{i}.png", image)
         write_rgb(tmp_path / "conditioning" / f"{i}.png", cv2.cvtColor(cv2.Canny(image, 100, 200), cv2.COLOR_GRAY2RGB))
-        lines.append({"file_name": f"images/{i}.png", "text": f"scene {i}", "conditioning_image": f"conditioning/{i}.png"})
+        line = {"file_name": f"images/{i}.png", "text": f"scene {i}", "conditioning_image": f"conditioning/{i}.png"}
+        lines.append(line)
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return tmp_path

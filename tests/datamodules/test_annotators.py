@@ -151,7 +151,8 @@ def test_transformers_depth_estimator_from_a_local_folder(tiny_transformers_mode
 
 def test_transformers_segmentation_estimator_from_a_local_folder(tiny_transformers_models, photo):
     image = photo(50, 70)
-    annotator = SegmentationAnnotator(estimator=TransformersSegmentationEstimator(tiny_transformers_models / "segformer"))
+    estimator = TransformersSegmentationEstimator(tiny_transformers_models / "segformer")
+    annotator = SegmentationAnnotator(estimator=estimator)
     sample = annotator.prepare({"image": image, "key": "photo"})
     assert sample["labels"].dtype == np.int64 and sample["labels"].shape == (50, 70)
     assert 0 <= sample["labels"].min() and sample["labels"].max() < 5

@@ -46,7 +46,8 @@ def test_each_control_instantiates(control, tmp_path):
 def test_shapesworld_config_gives_batches(control):
     cfg = compose_pair("shapesworld", control, "data.num_train=4", "data.batch_size=2", "data.resolution=32")
     datamodule = instantiate(cfg.data)
-    assert isinstance(datamodule, ShapesWorldDataModule) and type(datamodule.annotator).__name__.lower().startswith(control)
+    assert isinstance(datamodule, ShapesWorldDataModule)
+    assert type(datamodule.annotator).__name__.lower().startswith(control)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["control"].shape == (2, 3, 32, 32)
@@ -54,7 +55,8 @@ def test_shapesworld_config_gives_batches(control):
 
 @pytest.mark.parametrize("control", ["canny", "precomputed"])
 def test_folder_config_gives_batches(control, imagefolder):
-    cfg = compose_pair("folder", control, f"data.root={imagefolder}", "data.resolution=32", "data.num_workers=0", "data.val_fraction=0")
+    settings = ["data.resolution=32", "data.num_workers=0", "data.val_fraction=0"]
+    cfg = compose_pair("folder", control, f"data.root={imagefolder}", *settings)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, FolderDataModule)
     datamodule.setup("fit")

@@ -5,7 +5,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_transforms import edge_alignment
+from datamodules_support import edge_alignment
 
 from datamodules import ShapesWorldDataModule
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl, SegmentationAnnotator
@@ -141,7 +141,8 @@ def test_lightning_fit_drives_the_epochs():
         module = _Recorder()
         trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
-        trainer.fit(module, datamodule=ShapesWorldDataModule(CannyAnnotator(), resolution=16, batch_size=4, num_train=8))
+        datamodule = ShapesWorldDataModule(CannyAnnotator(), resolution=16, batch_size=4, num_train=8)
+        trainer.fit(module, datamodule=datamodule)
         return module.seen
 
     seen = fit()

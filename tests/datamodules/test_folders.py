@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from synthetic_photos import make_photo, write_rgb
+from datamodules_support import make_photo, write_rgb
 
 from datamodules import BadSampleError, FolderDataModule
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl, SegmentationAnnotator
@@ -213,6 +213,15 @@ def test_splits_are_disjoint_stable_and_cover_everything(tmp_path):
     splits = {name: {r.key for r in dataset.source.records} for name, dataset in datamodule.datasets.items()}
     assert sum(map(len, splits.values())) == 40 and set.union(*splits.values()) == {f"{i:02d}.png" for i in range(40)}
     assert 4 <= len(splits["val"]) <= 16 and 4 <= len(splits["test"]) <= 16
-    again = FolderDataModule(CannyAnnotator(), str(tmp_path), resolution=8, val_fraction=0.25, test_fraction=0.25, seed=9)
+    again = FolderDataModule(
+        CannyAnnotator(), str(tmp_path), resolution=8, val_fraction=0.25, test_fraction=0.25, seed=9
+    )
     again.setup()
     assert {r.key for r in again.datasets["val"].source.records} == splits["val"]
+
+
+def test_a_folder_that_fails_to_decode_throughout_stops_with_a_clear_error(txt_folder):
+    for image in txt_folder.glob("*.jpg"):
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])  # headers intact, data cut
+    with pytest.raises(RuntimeError, match="6 consecutive bad samples"):
+        load_all(txt_folder, on_bad_sample="skip")

@@ -1,21 +1,11 @@
-import cv2
 import numpy as np
 import pytest
+from datamodules_support import edge_alignment
 
 from datamodules.annotators import CannyAnnotator
 from datamodules.errors import BadSampleError
 from datamodules.shapesworld import ShapesWorld
 from datamodules.transforms import PairedTransform, fit_to_image
-
-
-def edge_alignment(edges: np.ndarray, labels: np.ndarray, tolerance: float = 2.0) -> tuple[float, float]:
-    """(precision, recall) of edge pixels against class-map boundaries, within `tolerance` px."""
-    boundary = cv2.morphologyEx(labels.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-    to_boundary = cv2.distanceTransform((~boundary).astype(np.uint8), cv2.DIST_L2, 3)
-    to_edge = cv2.distanceTransform((edges == 0).astype(np.uint8), cv2.DIST_L2, 3)
-    precision = (to_boundary[edges > 0] <= tolerance).mean()
-    recall = (to_edge[boundary] <= tolerance).mean()
-    return float(precision), float(recall)
 
 
 def test_canny_of_transformed_image_lines_up_with_transformed_class_map():

@@ -232,3 +232,28 @@ def test_bad_block_sizes_are_refused(base, config, message):
 def test_unsupported_layer_is_refused():
     with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d"):
         Linear(nn.Embedding(10, 4))
+
+
+@pytest.mark.parametrize("block_size", [6, 140])
+def test_cayley_gradient_matches_autograd_through_solve(block_size):
+    torch.manual_seed(0)
+    rotation = OFTRotation(2, block_size).double()
+    with torch.no_grad():
+        rotation.weight.normal_(0, 0.1)
+    target = torch.randn(2, block_size, block_size, dtype=torch.double)
+    (rotation.blocks() * target).sum().backward()
+    custom = rotation.weight.grad.clone()
+    rotation.weight.grad = None
+    skew = rotation.skew()
+    eye = torch.eye(block_size, dtype=torch.double)
+    (torch.linalg.solve(eye + skew, eye - skew) * target).sum().backward()
+    assert torch.allclose(custom, rotation.weight.grad, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda w: _cayley_of(rotation, w), (rotation.weight.detach().clone().requires_grad_(),))
+
+
+def _cayley_of(rotation, weight):
+    from conftrl.oft.rotation import _Cayley
+
+    upper = weight.new_zeros(weight.shape[0], rotation.block_size, rotation.block_size)
+    upper[:, rotation._rows, rotation._cols] = weight
+    return _Cayley.apply(upper - upper.transpose(1, 2))

@@ -1,4 +1,4 @@
-"""Photograph-like test images, made and written without any downloaded data."""
+"""Test helpers: photograph-like images made without downloaded data, and an edge check."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ def write_rgb(path: Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]) if image.ndim == 3 else image)
     return path
+
+
+def edge_alignment(edges: np.ndarray, labels: np.ndarray, tolerance: float = 2.0) -> tuple[float, float]:
+    """(precision, recall) of edge pixels against class-map boundaries, within `tolerance` px."""
+    boundary = cv2.morphologyEx(labels.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    to_boundary = cv2.distanceTransform((~boundary).astype(np.uint8), cv2.DIST_L2, 3)
+    to_edge = cv2.distanceTransform((edges == 0).astype(np.uint8), cv2.DIST_L2, 3)
+    precision = (to_boundary[edges > 0] <= tolerance).mean()
+    recall = (to_edge[boundary] <= tolerance).mean()
+    return float(precision), float(recall)
