@@ -183,6 +183,19 @@ class OFTLayer(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
 
+    # Pins the computation ("input" or "weight") for benchmarks and tests; "auto" compares the
+    # two forms' extra multiply-adds for the actual number of tokens.
+    computation: str = "auto"
+
+    def _input_centric_is_cheaper(self, tokens: int, rotations: list[OFTRotation]) -> bool:
+        """Extra work of rotating inputs (3*N*d*b with backward) vs weights (N*d*out + 2*out*d*b)."""
+        if self.computation != "auto":
+            return self.computation == "input"
+        block_sum = sum(r.block_size for r in rotations)
+        if torch.is_grad_enabled() and any(r.weight.requires_grad for r in rotations):
+            return 3 * tokens * block_sum < tokens * self.out_dim + 2 * self.out_dim * block_sum
+        return tokens < self.out_dim
+
     def _live_rotations(self) -> list[OFTRotation]:
         """Rotations to apply in this forward (none when disabled, merged, or dropped)."""
         if self.disabled:
@@ -198,49 +211,69 @@ class OFTLayer(nn.Module):
 
 
 class Linear(OFTLayer):
-    """OFT around an nn.Linear; chooses input- or weight-centric computation per call.
-
-    `computation` pins the choice ("input" or "weight") for benchmarks and tests; "auto"
-    compares the two forms' multiply-adds for the actual number of tokens.
-    """
-
-    computation: str = "auto"
+    """OFT around an nn.Linear; chooses input- or weight-centric computation per call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotations = self._live_rotations()
         if not rotations:
             return self.base_layer(x)
-        if self._input_centric_is_cheaper(x, rotations):
+        if self._input_centric_is_cheaper(x.numel() // self.in_dim, rotations):
             for rotation in reversed(rotations):
                 x = self._rotate_input(x, rotation)
             return self.base_layer(x)
         weight = self._weight_with(rotations, self.base_layer.weight.dtype)
         return F.linear(x, weight, self.base_layer.bias)
 
-    def _input_centric_is_cheaper(self, x: torch.Tensor, rotations: list[OFTRotation]) -> bool:
-        """Compare the extra multiply-adds of both forms (forward, plus backward if training)."""
-        if self.computation != "auto":
-            return self.computation == "input"
-        tokens = x.numel() // self.in_dim
-        block_sum = sum(r.block_size for r in rotations)
-        if torch.is_grad_enabled() and any(r.weight.requires_grad for r in rotations):
-            return 3 * tokens * block_sum < tokens * self.out_dim + 2 * self.out_dim * block_sum
-        return tokens < self.out_dim
-
-
 class Conv2d(OFTLayer):
     """OFT around an nn.Conv2d of any kernel, stride, padding, dilation and groups.
 
-    Always weight-centric: rotating the unfolded input would multiply activation memory and
-    work by kh*kw, and is not even equivalent to the merged convolution once patches overlap.
+    Weight-centric by default: the input-centric form needs the unfolded activations
+    (kh*kw times the input), so it is used only where they are no larger than the rotated
+    weight it replaces (few tokens: the low-resolution blocks of a UNet) and the work is
+    smaller. It rotates each output position's full receptive field, which is exactly the
+    merged convolution (unlike rotating unfolded patches and folding them back).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotations = self._live_rotations()
         if not rotations:
             return self.base_layer(x)
+        if self._can_unfold() and self._unfolding_is_cheaper(x, rotations):
+            return self._forward_unfolded(x, rotations)
         weight = self._weight_with(rotations, self.base_layer.weight.dtype)
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _can_unfold(self) -> bool:
+        return self.base_layer.groups == 1 and not isinstance(self.base_layer.padding, str)
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        conv = self.base_layer
+        height, width = (
+            (x.shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
+            for i in range(2)
+        )
+        return height, width
+
+    def _unfolding_is_cheaper(self, x: torch.Tensor, rotations: list[OFTRotation]) -> bool:
+        height, width = self._output_size(x)
+        tokens = x.shape[0] * height * width
+        if self.computation == "auto" and tokens > self.out_dim:
+            return False  # unfolded activations would outgrow the rotated weight
+        return self._input_centric_is_cheaper(tokens, rotations)
+
+    def _forward_unfolded(self, x: torch.Tensor, rotations: list[OFTRotation]) -> torch.Tensor:
+        conv = self.base_layer
+        out_size = self._output_size(x)
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = (0, 0)
+        columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        columns = columns.transpose(1, 2)  # (batch, positions, d): d in the weight's flattening order
+        for rotation in reversed(rotations):
+            columns = self._rotate_input(columns, rotation)
+        out = F.linear(columns, conv.weight.reshape(self.out_dim, self.in_dim), conv.bias)
+        return out.transpose(1, 2).reshape(x.shape[0], self.out_dim, *out_size)
 
 
 def wrap(layer: nn.Module, name: str) -> OFTLayer:
