@@ -26,6 +26,7 @@ Conventions (one place, so numbers are comparable across runs):
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -98,28 +99,68 @@ def hyperspherical_energy(
     return float(total / (n * (n - 1)))
 
 
+def _peft_tuner_layer_class() -> type | None:
+    """peft's ``BaseTunerLayer`` when peft is in use: a model can hold peft layers only once peft
+    has been imported, and peft stays an optional dependency."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return getattr(tuners, "BaseTunerLayer", None)
+
+
+def _peft_effective_weight(layer: nn.Module) -> torch.Tensor:
+    """``base + Σ delta`` of a peft tuner layer (e.g. LoRA's ``W + s·B A``) for its active,
+    unmerged adapters; merged adapters are already inside the base weight."""
+    weight = layer.get_base_layer().weight
+    if layer.disable_adapters:
+        return weight
+    present = getattr(layer, layer.adapter_layer_names[0])
+    for adapter in layer.active_adapters:
+        if adapter in present and adapter not in layer.merged_adapters:
+            weight = weight + layer.get_delta_weight(adapter)
+    return weight
+
+
+def _active_copy(wrapper: nn.Module) -> nn.Module:
+    """The module a modules-to-save wrapper (conftrl.oft's ``ModulesToSave``, peft's
+    ``ModulesToSaveWrapper``) runs: the active adapter's trained copy, else the original."""
+    active = wrapper.active_adapter
+    return wrapper.modules_to_save[active] if active in wrapper.modules_to_save else wrapper.original_module
+
+
 def layer_weights(
     model: nn.Module, layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 ) -> dict[str, torch.Tensor]:
     """Effective weight of every layer of ``layer_types``, keyed by module path.
 
-    A wrapped layer (:class:`MergedWeightLayer`) is keyed by its own path — the original path —
-    with its merged weight ``W Rᵀ``; its ``.base_layer`` child (the frozen ``W``) is skipped.
-    It is selected when either it or its base layer is one of ``layer_types``, so
+    A wrapper that replaces a layer at its original path counts as that one layer, with the
+    weight it computes with, and nothing inside it is measured separately:
+
+    * :class:`MergedWeightLayer` (OFT): the merged weight ``W Rᵀ``;
+    * a peft tuner layer (LoRA): ``base + get_delta_weight(adapter)``;
+    * a modules-to-save wrapper: its active copy, at the wrapper's path.
+
+    A wrapped layer is selected when either it or its base layer is one of ``layer_types``, so
     ``layer_types=(OFTLayer,)`` measures only the adapted layers, the only ones whose energy can
     move during OFT training.
     """
+    peft_layer = _peft_tuner_layer_class()
     weights: dict[str, torch.Tensor] = {}
-    wrapped_bases: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in wrapped_bases:
-            continue
-        if isinstance(module, MergedWeightLayer):
-            wrapped_bases.add(id(module.base_layer))
-            if isinstance(module, layer_types) or isinstance(module.base_layer, layer_types):
-                weights[name] = module.get_merged_weight()
-        elif isinstance(module, layer_types) and getattr(module, "weight", None) is not None:
-            weights[name] = module.weight
+
+    def visit(module: nn.Module, path: str) -> None:
+        if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+            return visit(_active_copy(module), path)
+        merged = isinstance(module, MergedWeightLayer)
+        if merged or (peft_layer is not None and isinstance(module, peft_layer)):
+            base = module.base_layer
+            if isinstance(module, layer_types) or isinstance(base, layer_types):
+                weights[path] = module.get_merged_weight() if merged else _peft_effective_weight(module)
+            return None
+        if isinstance(module, layer_types) and getattr(module, "weight", None) is not None:
+            weights[path] = module.weight
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+        return None
+
+    visit(model, "")
     return weights
 
 

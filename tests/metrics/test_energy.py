@@ -279,3 +279,42 @@ def test_real_oft_model_keeps_energy():
     assert set(adapted.per_layer) == {name for name, _ in wrapped.oft_layers()}
     stats = rotation_stats(wrapped)
     assert stats and stats["rotation_dev_max"] > 0
+
+
+def test_peft_lora_layer_is_measured_once_with_its_delta(tiny, gen):
+    peft = pytest.importorskip("peft")
+    base = energy_summary(tiny)
+    reference = TinyNet()
+    reference.load_state_dict(tiny.state_dict())
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "proj"], init_lora_weights=False)
+    model = peft.inject_adapter_in_model(config, tiny)
+    weights = layer_weights(model)
+    assert set(weights) == set(base.per_layer) | {"zero_conv"}  # no base_layer, lora_A, lora_B
+    lora = model.blocks[0].attn1.to_q
+    expected = lora.base_layer.weight + lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+    torch.testing.assert_close(weights["blocks.0.attn1.to_q"], expected)
+
+    change = energy_summary(model, reference=reference).relative_change
+    adapted = {f"blocks.{i}.{name}" for i in (0, 1) for name in ("attn1.to_q", "ff.net.0.proj")}
+    assert all(abs(change[name]) > 1e-4 for name in adapted)  # an additive update moves HE
+    assert all(change[name] == 0 for name in set(change) - adapted)
+
+    lora.merge()  # merged: the delta is inside the base weight, not added twice
+    torch.testing.assert_close(layer_weights(model)["blocks.0.attn1.to_q"], expected)
+
+
+def test_modules_to_save_wrapper_is_measured_once_as_its_active_copy():
+    from conftrl import oft
+
+    torch.manual_seed(0)
+    model = TinyNet(dim=16)
+    config = oft.OFTConfig(r=4, target_modules=["to_q"], modules_to_save=["conv_in"])
+    wrapped = oft.OFTModel(model, config)
+    saved = model.conv_in
+    with torch.no_grad():
+        saved.modules_to_save["default"].weight.mul_(-1).add_(0.1)
+    weights = layer_weights(wrapped.model)
+    assert [name for name in weights if name.startswith("conv_in")] == ["conv_in"]
+    assert torch.equal(weights["conv_in"], saved.modules_to_save["default"].weight)
+    saved.active_adapter = None  # no active copy: the frozen original runs, and is measured
+    assert torch.equal(layer_weights(wrapped.model)["conv_in"], saved.original_module.weight)
