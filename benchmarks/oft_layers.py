@@ -1,8 +1,8 @@
 """One adapted layer at SD 1.5 shapes: forward + backward time and memory against the frozen layer.
 
 Compares, per shape: the frozen plain layer (gradient to its input only: the floor any adapter
-pays), conftrl OFT (r = 4, exact Cayley), PEFT OFT (same r, its default Cayley-Neumann and its
-exact Cayley) and PEFT LoRA with the same number of trainable parameters. Prints a Markdown
+pays), conftrl OFT (exact Cayley; r = 4 on Linear, blocks of 32 on Conv2d), PEFT OFT (same
+blocks, its default Cayley-Neumann and its exact Cayley) and PEFT LoRA with the same number of trainable parameters. Prints a Markdown
 table and writes JSON. Times are medians of repeated runs; memory is what autograd keeps for
 the backward pass (bytes of saved tensors, measured with saved-tensor hooks), which is what
 differs between methods and is deterministic on any device.
@@ -87,9 +87,16 @@ def layer_input(shape: Shape, device: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(size, device=device, dtype=dtype, requires_grad=True)
 
 
+CONV_BLOCK_SIZE = 32  # PEFT's default; r = 4 on a 3x3 conv would mean blocks of 720-2880
+
+
 def oft_block_size(shape: Shape) -> int:
-    kernel = 9 if shape.kind == "conv3x3" else 1
-    return shape.d * kernel // R
+    """Linear: r = 4 blocks (the paper's setting). Conv2d: blocks of CONV_BLOCK_SIZE."""
+    return shape.d // R if shape.kind == "linear" else CONV_BLOCK_SIZE
+
+
+def block_options(shape: Shape) -> dict[str, int]:
+    return dict(r=R, oft_block_size=0) if shape.kind == "linear" else dict(r=0, oft_block_size=CONV_BLOCK_SIZE)
 
 
 def make_methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -97,19 +104,19 @@ def make_methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
     import peft
 
     b = oft_block_size(shape)
-    oft_params = R * b * (b - 1) // 2
     kernel = 9 if shape.kind == "conv3x3" else 1
+    oft_params = shape.d * kernel // b * b * (b - 1) // 2
     lora_rank = max(1, round(oft_params / (shape.d * kernel + shape.out)))
 
     def frozen(model: nn.Module) -> nn.Module:
         return model.requires_grad_(False)
 
     def conftrl_oft(model: nn.Module) -> nn.Module:
-        return OFTModel(model, OFTConfig(r=R, target_modules=["layer"]))
+        return OFTModel(model, OFTConfig(target_modules=["layer"], **block_options(shape)))
 
     def peft_oft(neumann: bool) -> Callable[[nn.Module], nn.Module]:
         def build(model: nn.Module) -> nn.Module:
-            config = peft.OFTConfig(r=R, oft_block_size=0, target_modules=["layer"], use_cayley_neumann=neumann)
+            config = peft.OFTConfig(target_modules=["layer"], use_cayley_neumann=neumann, **block_options(shape))
             return peft.get_peft_model(model, config)
 
         return build
@@ -155,19 +162,23 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, autocast: Optional[torch.dtyp
     return sum(seen.values())
 
 
-def time_method(model: nn.Module, x: torch.Tensor, autocast, device: str, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step(model, x, autocast, device)
-    times = []
+def time_methods(models: dict[str, nn.Module], x, autocast, device: str, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per method; methods alternate inside every round, so background load
+    on a shared machine hits all of them alike and the ratios stay meaningful."""
+    for model in models.values():
+        for _ in range(warmup):
+            step(model, x, autocast, device)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step(model, x, autocast, device)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-    return statistics.median(times)
+        for name, model in models.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step(model, x, autocast, device)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -181,23 +192,22 @@ def run(args: argparse.Namespace) -> list[dict]:
         x = layer_input(shape, device, torch.float32)
         b = oft_block_size(shape)
         predicted = 1 + 1.5 * b / shape.out if shape.kind == "linear" else None
-        floor_time = None
-        for method, build in make_methods(shape).items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = build(copy.deepcopy(base)).to(device)
-            seconds = time_method(model, x, autocast, device, args.repeats, args.warmup)
-            memory = saved_bytes(model, x, autocast, device)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            floor_time = floor_time or seconds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models = {name: build(copy.deepcopy(base)).to(device) for name, build in make_methods(shape).items()}
+        seconds = time_methods(models, x, autocast, device, args.repeats, args.warmup)
+        floor = seconds["frozen"]
+        for method, model in models.items():
             rows.append(
                 dict(
-                    shape=shape.label, **asdict(shape), method=method, ms=seconds * 1e3,
-                    ratio_to_frozen=seconds / floor_time, saved_mib=memory / 2**20, trainable=trainable,
+                    shape=shape.label, **asdict(shape), method=method, ms=seconds[method] * 1e3,
+                    ratio_to_frozen=seconds[method] / floor,
+                    saved_mib=saved_bytes(model, x, autocast, device) / 2**20,
+                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                     predicted_oft_ratio=predicted,
                 )
             )
-            print(f"{shape.label:32s} {method:22s} {seconds * 1e3:9.2f} ms  x{seconds / floor_time:5.2f}", flush=True)
+            print(f"{shape.label:32s} {method:22s} {seconds[method] * 1e3:9.2f} ms  x{seconds[method] / floor:5.2f}", flush=True)
     return rows
 
 
