@@ -45,9 +45,11 @@ def test_images_per_seed_at_the_training_resolution(trained_run, tmp_path, photo
     assert [p.name for p in paths] == ["disc_seed3.png", "disc_seed4.png", "disc_seed3.png"]
     first, second = read_rgb(paths[0]), read_rgb(paths[1])
     assert first.shape == (32, 32, 3)  # data.resolution of the run
-    assert not np.array_equal(first, second)
+    assert np.abs(first.astype(int) - second).mean() > 5  # another seed, another image
     again = run_generate(trained_run, tmp_path / "again", f"control={photo}", "seeds=[3]", "steps=2", "cfg_scale=2.5")
-    assert np.array_equal(read_rgb(again[0]), first)  # a seed fixes the image
+    # A seed fixes the image, up to a rounding flip: BLAS kernels may block a batch of 3 and
+    # a batch of 1 differently.
+    assert np.abs(read_rgb(again[0]).astype(int) - first).max() <= 1
 
 
 def test_a_photo_is_annotated_and_an_edge_map_used_as_is(trained_run, tmp_path, photo):

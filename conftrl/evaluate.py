@@ -1,0 +1,119 @@
+"""Score a trained adapter on a split of the data it was trained with.
+
+    python -m conftrl.evaluate adapter=outputs/canny_coft/runs/<time>/adapter [split=test] [num_images=64]
+
+Writes metrics.json, metrics.md and samples.png (`--help` lists every key, conf/evaluate.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from conftrl.config import config_dir, register_resolvers
+from conftrl.diffusion import load_unet
+from conftrl.evaluation import energy_change, fidelity, fidelity_ceiling, first_items, sample_grid
+from conftrl.export import INPUT_ERRORS, load_adapter
+from conftrl.fidelity import FIDELITY_SCORERS, HIGHER_IS_BETTER
+from conftrl.images import save_png
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+SPLITS = ("val", "test")
+
+
+def _split_items(data_config: DictConfig, split: str, count: int) -> dict:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    datamodule = instantiate(data_config)
+    datamodule.setup("validate" if split == "val" else "test")
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    return first_items(loader, count)
+
+
+def _fidelity_table(scores: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict]:
+    table = {}
+    for name, value in scores.items():
+        ceiling = ceilings[name]
+        known = HIGHER_IS_BETTER[name] and ceiling > 0
+        table[name] = {"value": value, "ceiling": ceiling, "percent_of_ceiling": 100 * value / ceiling if known else None}
+    return table
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """The metrics of the adapter `cfg.adapter`, also written to `cfg.output_dir`."""
+    adapter = load_adapter(cfg.adapter, cfg.model_path)
+    metric = cfg.metric or OmegaConf.select(adapter.config, "callbacks.control_fidelity.metric")
+    if metric not in FIDELITY_SCORERS:
+        raise ValueError(f"fidelity metric {metric!r} unknown; set metric= one of {', '.join(FIDELITY_SCORERS)}")
+    score = FIDELITY_SCORERS[metric]
+    sampling = adapter.sampling(steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler)
+    sample = partial(adapter.sample, **sampling)
+    items = _split_items(adapter.config.data, cfg.split, cfg.num_images)
+
+    report = {
+        "adapter": str(Path(cfg.adapter).resolve()),
+        "base_model": str(adapter.base.path),
+        "method": adapter.method.name,
+        "control": adapter.config.control._target_.rsplit(".", 1)[-1],
+        "split": cfg.split,
+        "num_images": len(items["caption"]),
+        "sampling": sampling,
+        "trainable_parameters": int(adapter.config.trainable_parameters),
+        "fidelity": _fidelity_table(
+            fidelity(sample, items, score, cfg.batch_size), fidelity_ceiling(items, score, cfg.batch_size)
+        ),
+        "hyperspherical_energy": energy_change(adapter.base.unet, load_unet(adapter.base.path)),
+    }
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "metrics.md").write_text(to_markdown(report))
+    rows = {key: value[: cfg.grid_rows] for key, value in items.items()}
+    save_png(sample_grid(sample, rows, list(cfg.grid_seeds)), output_dir / "samples.png")
+    log.info("metrics and samples written to %s", output_dir)
+    return report
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def to_markdown(report: dict) -> str:
+    """The report as a Markdown table, one row per score."""
+    energy = report["hyperspherical_energy"]
+    lines = [
+        f"# {report['method']} / {report['control']} on {report['split']} ({report['num_images']} images)",
+        "",
+        f"Adapter `{report['adapter']}` on base `{report['base_model']}`; sampling {report['sampling']}.",
+        "",
+        "| metric | value | ceiling (real images) | % of ceiling |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {_number(row['value'])} | {_number(row['ceiling'])} | {_number(row['percent_of_ceiling'], 3)} |"
+            for name, row in report["fidelity"].items()
+        ),
+        f"| HE change vs base, total | {energy['rel_change_total']:+.3e} | | |",
+        f"| HE change vs base, largest layer | {energy['rel_change_max_abs']:.3e} | | |",
+        f"| trainable parameters | {report['trainable_parameters']:,} | | |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path=f"{config_dir()}/cli", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except INPUT_ERRORS as error:
+        raise SystemExit(f"conftrl.evaluate: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Sample-based evaluation, shared by the training callbacks and `conftrl.evaluate`: which
+items are scored, how their samples are drawn, how samples and real images are scored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from conftrl.images import image_grid, to_uint8
+from conftrl.metrics import energy_summary
+
+# (prompts, control B×3×H×W in [0, 1], seeds) -> uint8 images B×H×W×3, e.g.
+# `functools.partial(module.sample, **sampling)`; every caller ends in `sample_images`.
+Sampler = Callable[[list[str], torch.Tensor, list[int]], np.ndarray]
+Scorer = Callable[[np.ndarray, dict], dict[str, float]]
+
+
+def first_items(batches: Iterable[dict], count: int) -> dict:
+    """The first `count` samples of a dataloader as one batch dict (fixed across a run)."""
+    taken, seen = [], 0
+    for batch in batches:
+        taken.append(batch)
+        seen += len(batch["caption"])
+        if seen >= count:
+            break
+    merged = {}
+    for key in taken[0]:
+        values = [b[key] for b in taken]
+        merged[key] = torch.cat(values)[:count] if isinstance(values[0], torch.Tensor) else sum(values, [])[:count]
+    return merged
+
+
+def _chunks(items: dict, size: int):
+    for start in range(0, len(items["caption"]), size):
+        yield start, {key: value[start : start + size] for key, value in items.items()}
+
+
+def sample_grid(sample: Sampler, items: dict, seeds: list[int]) -> np.ndarray:
+    """One row per item: its control, then one sample per seed for its caption."""
+    n, captions = len(seeds), items["caption"]
+    images = sample(
+        [c for c in captions for _ in range(n)], items["control"].repeat_interleave(n, 0), list(seeds) * len(captions)
+    )
+    controls = to_uint8(items["control"])
+    return image_grid([[controls[i], *images[i * n : (i + 1) * n]] for i in range(len(captions))])
+
+
+def _mean_scores(scores: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    return {name: float(np.average([s[name] for s in scores], weights=weights)) for name in scores[0]}
+
+
+def fidelity(sample: Sampler, items: dict, score: Scorer, batch_size: int) -> dict[str, float]:
+    """Mean control-fidelity scores of one sample per item (seed = the item's index)."""
+    scores, sizes = [], []
+    for start, part in _chunks(items, batch_size):
+        count = len(part["caption"])
+        scores.append(score(sample(part["caption"], part["control"], list(range(start, start + count))), part))
+        sizes.append(count)
+    return _mean_scores(scores, sizes)
+
+
+def fidelity_ceiling(items: dict, score: Scorer, batch_size: int) -> dict[str, float]:
+    """The same scores for the items' real images: the best a generator can be credited with."""
+    scores, sizes = [], []
+    for _, part in _chunks(items, batch_size):
+        scores.append(score(to_uint8((part["image"] + 1) / 2), part))
+        sizes.append(len(part["caption"]))
+    return _mean_scores(scores, sizes)
+
+
+def energy_change(unet: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """Relative change of the UNet's hyperspherical energy against the frozen base's, in total
+    and for the layer that moved most (OFT keeps both near 0, additive updates do not)."""
+    summary = energy_summary(unet, reference=reference)
+    return {
+        "rel_change_total": summary.relative_change_total,
+        "rel_change_max_abs": max(map(abs, summary.relative_change.values())),
+    }
