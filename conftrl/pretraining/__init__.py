@@ -1,0 +1,1 @@
+"""Pretraining the embedded tiny base on ShapesWorld (`python -m conftrl.pretrain`)."""
