@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+GPU_WHEELS ?= .gpu-wheels
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install train test test-fast bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,18 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/oft_layers.py
+
+# What benchmarks/gpu.sh installs on a GPU machine without network that has torch, lightning,
+# transformers, peft, opencv and safetensors: diffusers and Hydra, and what they import that those
+# do not bring (Pillow, requests and its own dependencies; antlr4 for OmegaConf). For CPython 3.12
+# on x86-64 Linux; manylinux_2_28 also admits the older manylinux tags, and Pillow ships no others.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --no-deps -d $(GPU_WHEELS) \
+		diffusers pillow requests urllib3 certifi charset-normalizer hydra-core "omegaconf>=2.2,<2.4"
+	# antlr4-python3-runtime 4.9 (OmegaConf pins 4.9.*) is published as source only: build its pure-Python wheel.
+	$(PYTHON) -m pip wheel -q --no-deps -w $(GPU_WHEELS) "antlr4-python3-runtime==4.9.3"
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache

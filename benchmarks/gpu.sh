@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The train-step benchmark on a GPU machine without network: SD 1.5 at 512 px under bf16
+# autocast, then the 100 M-parameter SD-shaped UNet. About 5 minutes on one H100; each run
+# has a time limit (under 8 minutes in all), and results are written after every method, so a run
+# cut short keeps what it measured.
+#
+# The machine needs Python 3.12 with torch (CUDA), lightning, transformers, peft,
+# opencv-python-headless and safetensors. diffusers, Hydra and the few packages they add that
+# those do not bring come from the wheel folder `make gpu-wheels` fills (GPU_WHEELS, default
+# .gpu-wheels); they are installed into a temporary folder put first on PYTHONPATH, and the
+# machine's own packages stay as they are.
+#
+#     bash benchmarks/gpu.sh        # JSON + Markdown in $OUT if set, else outputs/benchmarks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WHEELS=${GPU_WHEELS:-.gpu-wheels}
+RESULTS=${OUT:-outputs/benchmarks}
+
+SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
+"$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
+
+# `timeout` signals its whole process group, so the per-method worker processes stop with it.
+run() {  # run SECONDS NAME ARGS...
+    local limit=$1 name=$2
+    shift 2
+    timeout "$limit" "$PYTHON" benchmarks/train_step.py --device cuda --precision bf16 \
+        --out "$RESULTS/train_step_$name.json" "$@" || echo "train_step $name ended early (status $?)"
+}
+run 290 sd15_bf16 --models sd15 --repeats 5 --warmup 2
+run 150 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
+ls -l "$RESULTS"/train_step_*

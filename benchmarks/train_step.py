@@ -1,0 +1,529 @@
+"""One full optimizer step of ControlModule training per method: time, peak memory, trainable parameters.
+
+A step is what `python -m conftrl.train` runs: Lightning fits the project's `ControlModule`
+(VAE encode, text encode, control path, UNet forward and backward, gradient clipping at 1.0
+as the default trainer config, AdamW `optimizer.step()`) on a fixed random batch of images,
+Canny-like controls and captions. Every model is built with random weights in memory; nothing
+is downloaded. Methods (all but `controlnet` use the paper's control encoder on `conv_in`):
+
+* floor — the control encoder alone, the UNet frozen: the loss backpropagates through the
+  whole UNet to `conv_in`'s output, the least any adapter with this control path pays;
+* oft / coft — conftrl OFT r = 4 (exact Cayley) on the paper's targets; coft with eps = 1e-3;
+* peft_oft — PEFT's OFT with the same blocks (see `PeftOFTMethod`);
+* peft_lora — conftrl's LoRA method (PEFT) at the rank whose parameter count is nearest OFT's;
+* controlnet — diffusers' `ControlNetModel.from_unet` trained, the frozen UNet taking its residuals;
+* full — every UNet weight trains.
+
+UNets (`--models`): `tiny` (the embedded base's `TinySpec`, the default experiment's batch 64
+at 64 px), `sd100m` (a 115 M-parameter SD-shaped UNet, blocks 192/384/768, batch 2 at 256 px)
+and `sd15` (SD 1.5's UNet, VAE and CLIP text encoder, batch 16 at 512 px, gradient
+checkpointing as `model=sd15` trains; for a GPU). The time is the median of `--repeats` steps
+after `--warmup` steps; each method runs in a fresh process so its peak memory is its own.
+JSON and Markdown are rewritten after every method, so a run cut short keeps what it measured.
+
+    python benchmarks/train_step.py [--models tiny sd100m] [--methods floor oft ...] \\
+        [--device cpu|cuda] [--precision fp32|bf16] [--batch N] [--resolution PX] \\
+        [--repeats 5] [--warmup 2] [--threads N] [--out outputs/benchmarks/train_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import peft  # imported before any memory baseline: it is part of the runtime, not of a method
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from lightning import Callback, Trainer
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from torch.utils.data import DataLoader
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from conftrl.diffusion import DiffusionBase
+from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
+from conftrl.methods import PAPER_UNET_TARGETS, FullMethod, LoRAMethod, Method, OFTMethod
+from conftrl.module import ControlModule
+
+SD_TOKENS = 77
+SD_VAE_CHANNELS = (128, 256, 512, 512)
+SD100M_UNET = dict(
+    block_out_channels=(192, 384, 768),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=8,
+)
+CAPTION = "a red circle left of a blue square"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A random base model and the batch one training step of it sees."""
+
+    name: str
+    batch: int
+    resolution: int
+    gradient_checkpointing: bool = False
+    spec: Optional[TinySpec] = None  # a tiny base; None: SD-shaped (VAE, CLIP text encoder, `unet`)
+    unet: dict = field(default_factory=dict)  # UNet2DConditionModel arguments; {} is SD 1.5's UNet
+    vae_width_divisor: int = 1  # SD's VAE channels divided by this
+
+
+WORKLOADS = {
+    # The default experiment's data: ShapesWorld, batch 64 at 64 px.
+    "tiny": Workload("tiny", batch=64, resolution=TinySpec().resolution, spec=TinySpec()),
+    # A quarter-width VAE: at full width its 256 px encode alone takes three times the UNet's
+    # step on a CPU core, and the benchmark compares UNet adapters.
+    "sd100m": Workload("sd100m", batch=2, resolution=256, unet=SD100M_UNET, vae_width_divisor=4),
+    "sd15": Workload("sd15", batch=16, resolution=512, gradient_checkpointing=True),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every method's steps run: device, precision, steps timed after warm-up, torch threads."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    repeats: int = 5
+    warmup: int = 2
+    threads: int = 1
+
+
+PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16: autocast, fp32 weights, as trainer=gpu
+ACCELERATORS = {"cpu": "cpu", "cuda": "gpu"}
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def sd_vae(width_divisor: int, resolution: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * len(SD_VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(SD_VAE_CHANNELS),
+        block_out_channels=tuple(c // width_divisor for c in SD_VAE_CHANNELS),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=resolution,
+    )
+
+
+def sd_text_encoder(tokenizer) -> CLIPTextModel:
+    """SD 1.5's text encoder (CLIP ViT-L/14's text tower); CLIPTextConfig's defaults give the rest."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768,
+            max_position_embeddings=SD_TOKENS, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def random_base(workload: Workload) -> DiffusionBase:
+    """The workload's architecture with random weights, frozen as `load_base` leaves a base.
+
+    An SD-shaped base takes the tiny pipeline's tokenizer (at 77 tokens) and noise schedule,
+    which are SD's; their cost does not depend on the vocabulary."""
+    parts = build_tiny_pipeline(workload.spec or TinySpec(max_tokens=SD_TOKENS)).components
+    if workload.spec is None:
+        torch.manual_seed(0)
+        parts["unet"] = UNet2DConditionModel(
+            sample_size=workload.resolution // 2 ** (len(SD_VAE_CHANNELS) - 1), cross_attention_dim=768,
+            **workload.unet,
+        )
+        parts["vae"] = sd_vae(workload.vae_width_divisor, workload.resolution)
+        parts["text_encoder"] = sd_text_encoder(parts["tokenizer"])
+    base = DiffusionBase(
+        path=Path(f"random-{workload.name}"), unet=parts["unet"], vae=parts["vae"],
+        text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], noise_scheduler=parts["scheduler"],
+    )
+    base.freeze()
+    return base
+
+
+def random_batch(workload: Workload) -> dict:
+    """What the datamodule yields: images in [-1, 1], binary (edge-like) controls in [0, 1], captions."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (workload.batch, 3, workload.resolution, workload.resolution)
+    return {
+        "image": torch.rand(shape, generator=generator) * 2 - 1,
+        "control": torch.rand(shape, generator=generator).round(),
+        "caption": [CAPTION] * workload.batch,
+    }
+
+
+# --- methods ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PeftOFTMethod(Method):
+    """PEFT's OFT, for this comparison only (it is no conftrl method).
+
+    In PEFT's OFTConfig, as in conftrl's, `r` is the number of blocks per layer
+    (r × oft_block_size = in_features; oft_block_size=0 selects r), so r = 4 gives every
+    target layer of input size d blocks of d/4, the same as conftrl's r = 4, and the same
+    number of trainable parameters. Exact Cayley (`use_cayley_neumann=False`; PEFT's default
+    is its Neumann approximation), no COFT, as `oft`."""
+
+    name: str = "peft_oft"
+    control_path: str = "conv_in"
+    r: int = 4
+
+    def adapt(self, base: DiffusionBase) -> None:
+        config = peft.OFTConfig(
+            r=self.r, oft_block_size=0, use_cayley_neumann=False, target_modules=list(PAPER_UNET_TARGETS)
+        )
+        peft.inject_adapter_in_model(config, base.unet)
+        for name, parameter in base.unet.named_parameters():
+            parameter.requires_grad_("oft_" in name)
+
+
+def adapter_parameters(method: Method, unet_config) -> int:
+    """UNet parameters `method` trains, counted on a weightless (meta-device) copy of the UNet."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)
+    # A method that leaves the text encoder frozen reads nothing but the UNet of its base.
+    method.adapt(DiffusionBase(path=None, unet=unet, vae=None, text_encoder=None, tokenizer=None, noise_scheduler=None))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def lora_rank_matching_oft(unet: UNet2DConditionModel) -> int:
+    """The LoRA rank whose parameter count is nearest conftrl OFT r = 4's (LoRA's grows linearly in r)."""
+    oft, per_rank = (adapter_parameters(m, unet.config) for m in (OFTMethod(coft=False), LoRAMethod(r=1)))
+    return max(1, round(oft / per_rank))
+
+
+METHODS: dict[str, Callable[[UNet2DConditionModel], Method]] = {
+    "floor": lambda unet: Method(name="floor", control_path="conv_in"),
+    "oft": lambda unet: OFTMethod(name="oft", r=4, coft=False, use_cayley_neumann=False),
+    "coft": lambda unet: OFTMethod(name="coft", r=4, coft=True, eps=1e-3, use_cayley_neumann=False),
+    "peft_oft": lambda unet: PeftOFTMethod(),
+    "peft_lora": lambda unet: LoRAMethod(name="peft_lora", r=lora_rank_matching_oft(unet)),
+    "controlnet": lambda unet: Method(name="controlnet", control_path="controlnet"),
+    "full": lambda unet: FullMethod(),
+}
+
+
+# --- one method, measured -----------------------------------------------------------------------
+
+
+class PeakMemory:
+    """The most memory this process held inside the block, above what it held on entering it.
+
+    GPU: `torch.cuda.max_memory_allocated` after resetting the peak (the CUDA context is not
+    counted). CPU: the kernel's resident-set high-water mark, VmHWM of /proc/self/status,
+    minus the RSS on entry (the interpreter and imported libraries). Not getrusage's
+    ru_maxrss: Linux carries that over exec from the parent, so a child started by a large
+    parent would report the parent's peak. Run in a fresh process, the mark is this block's.
+    """
+
+    def __init__(self, device: str):
+        self.device, self.bytes = device, 0
+
+    def _now(self, peak: bool) -> int:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+        key = "VmHWM:" if peak else "VmRSS:"
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.start = self._now(peak=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bytes = self._now(peak=True) - self.start
+
+
+class StepTimes(Callback):
+    """Wall time of every training batch, from Lightning's batch start (after the batch reached
+    the device) to its end (after `optimizer.step()`)."""
+
+    def __init__(self, device: str):
+        self.synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+
+def trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def measure(workload: Workload, method_name: str, settings: Settings) -> dict:
+    """Fit `method_name` on `workload` for warm-up + repeated steps in this process."""
+    torch.set_num_threads(settings.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=PossibleUserWarning)  # few batches, no workers: wanted
+    timer = StepTimes(settings.device)
+    with PeakMemory(settings.device) as memory:
+        with torch.device(settings.device):
+            base = random_base(workload)
+            unet_parameters = sum(p.numel() for p in base.unet.parameters())
+            method = METHODS[method_name](base.unet)
+            module = ControlModule(base, method, workload.gradient_checkpointing)
+        steps = settings.warmup + settings.repeats
+        trainer = Trainer(
+            accelerator=ACCELERATORS[settings.device], devices=1, precision=PRECISIONS[settings.precision],
+            max_steps=steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+        )
+        # batch_size=None: the loader hands over the ready batch as it is, `steps` times.
+        trainer.fit(module, train_dataloaders=DataLoader([random_batch(workload)] * steps, batch_size=None))
+    times = timer.times[settings.warmup:]
+    return {
+        "method": method_name,
+        "trainable_parameters": module.num_trainable_parameters,
+        "trainable_unet_parameters": trainable(module.unet),
+        "unet_parameters": unet_parameters,
+        **({"lora_rank": method.r} if isinstance(method, LoRAMethod) else {}),
+        "median_s": statistics.median(times),
+        "step_times_s": times,
+        "peak_memory_bytes": memory.bytes,
+        "device_name": device_name(settings.device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def in_fresh_process(function: Callable, *args):
+    """`function(*args)` in a new interpreter (spawn, not fork), so its memory high-water mark,
+    allocator caches and CUDA context belong to this call alone."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+# --- ratios and the issue's targets ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """oft's `quantity` divided by the `against` method's must not exceed `limit`, on `device` /
+    `precision` when given."""
+
+    quantity: str  # a result key
+    against: str
+    limit: float
+    device: Optional[str] = None
+    precision: Optional[str] = None
+
+    def applies(self, settings: Settings) -> bool:
+        return self.device in (None, settings.device) and self.precision in (None, settings.precision)
+
+
+TARGETS = (
+    Target("median_s", "floor", 1.15),
+    Target("median_s", "peft_oft", 1.0, device="cpu"),
+    Target("median_s", "peft_oft", 0.8, device="cuda", precision="bf16"),
+    Target("median_s", "peft_lora", 1.2),
+    Target("peak_memory_bytes", "controlnet", 0.6),
+    Target("peak_memory_bytes", "peft_lora", 1.05),
+)
+QUANTITY_NAMES = {"median_s": "time", "peak_memory_bytes": "memory"}
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Each method's time and memory over the floor's of the same run (None without a floor)."""
+    floor = next((r for r in results if r["method"] == "floor"), None)
+    for result in results:
+        result["ratio_to_floor"] = result["median_s"] / floor["median_s"] if floor else None
+        result["memory_ratio_to_floor"] = (
+            result["peak_memory_bytes"] / floor["peak_memory_bytes"] if floor and floor["peak_memory_bytes"] else None
+        )
+
+
+def check_targets(results: list[dict], settings: Settings) -> list[dict]:
+    """The targets that apply and whose two methods were both measured."""
+    by_method = {r["method"]: r for r in results}
+    checks = []
+    for target in TARGETS:
+        if target.applies(settings) and {"oft", target.against} <= by_method.keys():
+            value = by_method["oft"][target.quantity] / by_method[target.against][target.quantity]
+            checks.append({**dataclasses.asdict(target), "value": value, "passed": value <= target.limit})
+    return checks
+
+
+def run_method(workload: Workload, method: str, settings: Settings, isolated: bool) -> dict:
+    """The method's result; in a fresh process when `isolated`, where a failure (say, out of
+    memory) is recorded as the result so the other methods still run."""
+    if not isolated:
+        return measure(workload, method, settings)
+    try:
+        return in_fresh_process(measure, workload, method, settings)
+    except Exception as error:
+        return {"method": method, "error": f"{type(error).__name__}: {error}"}
+
+
+def benchmark(workload: Workload, methods: list[str], settings: Settings, isolated: bool = True) -> Iterator[dict]:
+    """Yields the workload's entry (one dict, growing) after each method has run."""
+    entry = {**dataclasses.asdict(workload), "spec": None, "results": [], "checks": []}
+    if workload.spec is not None:
+        entry["spec"] = {k: v for k, v in dataclasses.asdict(workload.spec).items() if k != "words"}
+    for method in methods:
+        entry["results"].append(run_method(workload, method, settings, isolated))
+        measured = [r for r in entry["results"] if "error" not in r]
+        add_ratios(measured)
+        entry["checks"] = check_targets(measured, settings)
+        yield entry
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def ratio(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def check_cells(entry: dict) -> dict[str, str]:
+    """method -> its check column: oft's ratio to that method against the issue's limit."""
+    cells: dict[str, list[str]] = {}
+    for check in entry["checks"]:
+        mark = "✓" if check["passed"] else "✗"
+        cells.setdefault(check["against"], []).append(
+            f"oft {QUANTITY_NAMES[check['quantity']]} {check['value']:.2f} ≤ {check['limit']} {mark}"
+        )
+    return {method: "; ".join(texts) for method, texts in cells.items()}
+
+
+def result_row(r: dict, check: str) -> str:
+    if "error" in r:
+        return f"| {r['method']} | failed: {r['error'][:200]} | | | | | | |"
+    return (
+        f"| {r['method']} | {r['trainable_parameters']:,} | {r['trainable_unet_parameters']:,} | {r['median_s']:.3f} "
+        f"| {ratio(r['ratio_to_floor'])} | {r['peak_memory_bytes'] / 2**20:,.0f} | {ratio(r['memory_ratio_to_floor'])} "
+        f"| {check} |"
+    )
+
+
+def workload_markdown(entry: dict) -> list[str]:
+    measured = {r["method"]: r for r in entry["results"] if "error" not in r}
+    unet = next(iter(measured.values()), {}).get("unet_parameters", 0)
+    lines = [
+        f"### {entry['name']}: UNet {unet / 1e6:.1f} M parameters, batch {entry['batch']} at {entry['resolution']} px, "
+        f"gradient checkpointing {'on' if entry['gradient_checkpointing'] else 'off'}",
+        "",
+    ]
+    if {"oft", "peft_lora"} <= measured.keys():
+        lora, oft = measured["peft_lora"], measured["oft"]
+        lines += [
+            f"peft_lora rank {lora['lora_rank']}: {lora['trainable_unet_parameters']:,} UNet parameters "
+            f"against oft's {oft['trainable_unet_parameters']:,}.",
+            "",
+        ]
+    checks = check_cells(entry)
+    lines += [
+        "| method | trainable | of which UNet | step (s) | × floor | peak memory (MiB) | × floor "
+        "| check (issue target) |",
+        "|---|---|---|---|---|---|---|---|",
+        *(result_row(r, checks.get(r["method"], "")) for r in entry["results"]),
+    ]
+    return lines + [""]
+
+
+def to_markdown(report: dict) -> str:
+    measured = [r for e in report["workloads"] for r in e["results"] if "error" not in r]
+    load = report["load_average"]
+    lines = [
+        f"{measured[0]['device_name'] if measured else report['device']}, torch {report['torch']}, "
+        f"{report['precision']}, {report['threads']} threads on {report['cpu_count']} CPUs, load average "
+        f"{load['start'][0]:.1f} at start and {load['end'][0]:.1f} at end; median of {report['repeats']} steps "
+        f"after {report['warmup']} warm-up. Peak memory: CUDA's max allocated, or the resident-set peak above "
+        "the interpreter's, each method in a fresh process.",
+        "",
+    ]
+    for entry in report["workloads"]:
+        lines += workload_markdown(entry)
+    return "\n".join(lines)
+
+
+def progress_line(entry: dict) -> str:
+    r = entry["results"][-1]
+    if "error" in r:
+        return f"{entry['name']:7s} {r['method']:10s} failed: {r['error']}"
+    return (f"{entry['name']:7s} {r['method']:10s} {r['median_s']:8.3f} s  x{ratio(r['ratio_to_floor'])}  "
+            f"{r['peak_memory_bytes'] / 2**20:8.0f} MiB")
+
+
+def save(report: dict, out: Path) -> None:
+    report["load_average"]["end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(report))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(WORKLOADS), default=["tiny", "sd100m"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--device", choices=list(ACCELERATORS), default="cpu")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    parser.add_argument("--batch", type=int, help="batch size (default: the model's)")
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="default: as the model trains (on for sd15 only)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/train_step.json"))
+    return parser.parse_args()
+
+
+def configured(workload: Workload, args: argparse.Namespace) -> Workload:
+    """`workload` with the sizes given on the command line."""
+    overrides = {
+        "batch": args.batch, "resolution": args.resolution, "gradient_checkpointing": args.gradient_checkpointing
+    }
+    return dataclasses.replace(workload, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = Settings(args.device, args.precision, args.repeats, args.warmup, torch.get_num_threads())
+    report = {
+        "benchmark": "train_step", "torch": torch.__version__, **dataclasses.asdict(settings),
+        "cpu_count": os.cpu_count(), "load_average": {"start": os.getloadavg(), "end": os.getloadavg()},
+        "workloads": [],
+    }
+
+    for name in args.models:
+        report["workloads"].append({})
+        for entry in benchmark(configured(WORKLOADS[name], args), args.methods, settings):
+            report["workloads"][-1] = entry
+            print(progress_line(entry), flush=True)
+            save(report, args.out)
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
