@@ -55,7 +55,7 @@ class PretrainRun:
         self.pipe.tokenizer = self.run_tokenizer(self.pipe.tokenizer)
         self.progress = {"stage": STAGES[0], "step": 0, "steps_done": {}, "seconds": {}, "metrics": {}, "history": []}
         self.optimisation: Optimisation | None = None
-        self.scorer = SceneScorer(COLORS)
+        self.scorer = SceneScorer(COLORS, self.world.shape_colors)
         self._losses: list[float] = []
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -229,7 +229,8 @@ class PretrainRun:
             "targets": targets,
             "targets_met": bool(scene) and all(scene[k] >= v for k, v in targets.items()),
             "history": self.progress["history"],
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            # Where the run wrote is not part of its recipe, and would name a machine's path.
+            "config": {k: v for k, v in OmegaConf.to_container(self.cfg, resolve=True).items() if k != "output_dir"},
         }
 
     def write_record(self) -> dict:

@@ -27,10 +27,11 @@ def chance(scenes) -> tuple[float, float]:
 
 def test_ground_truth_scores_near_perfect(world):
     images, scenes = world
-    scores = SceneScorer(COLORS).score(images, scenes)
+    scores = SceneScorer(COLORS, SPEC.shape_colors).score(images, scenes)
     assert scores.num_images == 200
     assert scores.background_correct == 1.0
     assert scores.colors_present >= 0.98
+    assert scores.colors_absent >= 0.98
 
 
 def test_shuffled_captions_score_about_chance(world):
@@ -55,9 +56,23 @@ def test_a_colour_counts_only_as_one_region_of_sufficient_area():
     image = np.full((64, 64, 3), COLORS["gray"], np.uint8)
     scene = {"background": "gray", "shapes": [{"color": "red"}]}
     image[::8, ::8] = COLORS["red"]  # 64 isolated red pixels: 1.6 % of the image, no region
-    assert scorer.score_image(image, scene) == (True, [False])
+    assert scorer.score_image(image, scene)[:2] == (True, [False])
     image[10:17, 10:17] = COLORS["red"]  # one 7x7 square: 1.2 %
-    assert scorer.score_image(image, scene) == (True, [True])
+    assert scorer.score_image(image, scene)[:2] == (True, [True])
+
+
+def test_painting_every_colour_is_not_adherence():
+    scorer = SceneScorer(COLORS, SPEC.shape_colors)
+    image = np.full((64, 64, 3), COLORS["gray"], np.uint8)
+    for i, color in enumerate(SPEC.shape_colors):
+        image[8 + 12 * i : 18 + 12 * i, 8:40] = COLORS[color]
+    scene = {"background": "gray", "shapes": [{"color": "red"}]}
+    background, present, absent = scorer.score_image(image, scene)
+    assert background and present == [True]
+    assert absent == [False] * (len(SPEC.shape_colors) - 1)  # every unnamed colour is there too
+    only_red = np.full((64, 64, 3), COLORS["gray"], np.uint8)
+    only_red[8:18, 8:40] = COLORS["red"]
+    assert scorer.score_image(only_red, scene) == (True, [True], [True] * (len(SPEC.shape_colors) - 1))
 
 
 def test_background_is_read_from_the_border_not_the_centre():
@@ -65,4 +80,4 @@ def test_background_is_read_from_the_border_not_the_centre():
     image = np.full((64, 64, 3), COLORS["white"], np.uint8)
     image[4:60, 4:60] = COLORS["blue"]  # a shape filling most of the image
     scene = {"background": "white", "shapes": [{"color": "blue"}]}
-    assert scorer.score_image(image, scene) == (True, [True])
+    assert scorer.score_image(image, scene)[:2] == (True, [True])
