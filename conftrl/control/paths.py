@@ -72,11 +72,7 @@ class EncoderControl(nn.Module):
             return unet(noisy, timesteps, encoder_hidden_states=text).sample
 
     def pipeline(self, base, scheduler) -> StableDiffusionPipeline:
-        return StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return base.pipeline(scheduler)
 
     def pipeline_kwargs(self, control: torch.Tensor) -> dict:
         return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
 # What a Stable-Diffusion-style diffusers folder must hold: subfolder -> any one of these files.
@@ -37,6 +37,15 @@ class DiffusionBase:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline(self, scheduler=None) -> StableDiffusionPipeline:
+        """A plain text-to-image pipeline over these very modules (no copies), sampling with
+        `scheduler` (default: the training noise scheduler)."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler or self.noise_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     def freeze(self) -> None:
         for model in (self.unet, self.vae, self.text_encoder):
