@@ -38,7 +38,7 @@ def _split_items(data_config: DictConfig, split: str, count: int) -> dict:
     return first_items(loader, count)
 
 
-def _fidelity_table(scores: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict]:
+def fidelity_table(scores: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict]:
     table = {}
     for name, value in scores.items():
         ceiling = ceilings[name]
@@ -67,8 +67,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "num_images": len(items["caption"]),
         "sampling": sampling,
         "trainable_parameters": int(adapter.config.trainable_parameters),
-        "fidelity": _fidelity_table(
-            fidelity(sample, items, score, cfg.batch_size), fidelity_ceiling(items, score, cfg.batch_size)
+        "fidelity": fidelity_table(
+            fidelity(sample, items, score, cfg.batch_size), fidelity_ceiling(items, score, cfg.batch_size, adapter.base.vae)
         ),
         "hyperspherical_energy": energy_change(adapter.base.unet, load_unet(adapter.base.path)),
     }
@@ -82,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return report
 
 
-def _number(value: float | None, digits: int = 4) -> str:
+def format_number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
 
 
@@ -94,10 +94,10 @@ def to_markdown(report: dict) -> str:
         "",
         f"Adapter `{report['adapter']}` on base `{report['base_model']}`; sampling {report['sampling']}.",
         "",
-        "| metric | value | ceiling (real images) | % of ceiling |",
+        "| metric | value | ceiling (real images through the VAE) | % of ceiling |",
         "|---|---|---|---|",
         *(
-            f"| {name} | {_number(row['value'])} | {_number(row['ceiling'])} | {_number(row['percent_of_ceiling'], 3)} |"
+            f"| {name} | {format_number(row['value'])} | {format_number(row['ceiling'])} | {format_number(row['percent_of_ceiling'], 3)} |"
             for name, row in report["fidelity"].items()
         ),
         f"| HE change vs base, total | {energy['rel_change_total']:+.3e} | | |",

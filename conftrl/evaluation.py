@@ -62,11 +62,23 @@ def fidelity(sample: Sampler, items: dict, score: Scorer, batch_size: int) -> di
     return _mean_scores(scores, sizes)
 
 
-def fidelity_ceiling(items: dict, score: Scorer, batch_size: int) -> dict[str, float]:
-    """The same scores for the items' real images: the best a generator can be credited with."""
+@torch.no_grad()
+def vae_round_trip(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] encoded (posterior mean) and decoded again, as a generator that
+    decodes through `vae` could at best produce them."""
+    weight = next(vae.parameters())
+    images = images.to(weight.device, weight.dtype)
+    return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1).float().cpu()
+
+
+def fidelity_ceiling(items: dict, score: Scorer, batch_size: int, vae: nn.Module | None = None) -> dict[str, float]:
+    """The same scores for the items' real images: the best a generator can be credited with.
+    With `vae`, the images go through its round trip first: the best a generator that decodes
+    through that VAE can be credited with (for canny, the edges it blurs away are lost to all)."""
     scores, sizes = [], []
     for _, part in _chunks(items, batch_size):
-        scores.append(score(to_uint8((part["image"] + 1) / 2), part))
+        images = part["image"] if vae is None else vae_round_trip(vae, part["image"])
+        scores.append(score(to_uint8((images + 1) / 2), part))
         sizes.append(len(part["caption"]))
     return _mean_scores(scores, sizes)
 

@@ -7,19 +7,16 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
+from conftrl.evaluation import vae_round_trip
 from conftrl.metrics.fidelity import binary_f1, canny_edges
 from conftrl.metrics.scene import SceneScorer
 from conftrl.pretraining.data import to_model_range, to_uint8
 
 
-@torch.no_grad()
 def round_trip(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Encode (posterior mean) and decode uint8 images, as a control stage sees them."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_model_range(images[start : start + batch_size])
-        out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample))
-    return np.concatenate(out)
+    parts = [vae_round_trip(vae, to_model_range(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return np.concatenate([to_uint8(part) for part in parts])
 
 
 def vae_quality(vae: AutoencoderKL, images: np.ndarray) -> dict[str, float]:
