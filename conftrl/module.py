@@ -11,14 +11,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from lightning import LightningModule
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
-from conftrl.diffusion.objective import encode_prompts, training_target
+from conftrl.diffusion.objective import denoising_loss, encode_prompts, training_target
 from conftrl.diffusion.sampling import sample_images
 from conftrl.methods import Method
 
@@ -32,9 +31,12 @@ class CheckpointMismatchError(ValueError):
 
 
 class ControlModule(LightningModule):
-    def __init__(self, base: DiffusionBase, method: Method, gradient_checkpointing: bool = False, seed: int = 0):
+    def __init__(
+        self, base: DiffusionBase, method: Method, gradient_checkpointing: bool = False, seed: int = 0,
+        snr_gamma: float | None = None,
+    ):
         super().__init__()
-        self.base, self.method, self.seed = base, method, seed
+        self.base, self.method, self.seed, self.snr_gamma = base, method, seed, snr_gamma
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         # The control path first: ControlNet copies the UNet's weights before any adapter.
         self.control = build_control_path(method.control_path, base.unet, base.vae_scale_factor)
@@ -82,7 +84,8 @@ class ControlModule(LightningModule):
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = self.control.predict(self.unet, noisy, timesteps, text, control)
-        return F.mse_loss(prediction.float(), training_target(scheduler, latents, noise, timesteps).float())
+        target = training_target(scheduler, latents, noise, timesteps)
+        return denoising_loss(prediction, target, scheduler, timesteps, self.snr_gamma)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self._generator(0, self.global_step, batch_idx))

@@ -36,7 +36,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = ControlModule(
-        load_base(cfg.model.path), instantiate(cfg.method), cfg.model.gradient_checkpointing, cfg.seed
+        load_base(cfg.model.path), instantiate(cfg.method), cfg.model.gradient_checkpointing, cfg.seed,
+        cfg.loss.snr_gamma,
     )
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 
 def training_target(
@@ -16,6 +18,25 @@ def training_target(
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+
+
+def denoising_loss(
+    prediction: torch.Tensor, target: torch.Tensor, scheduler: DDPMScheduler, timesteps: torch.Tensor,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE to the target, with Min-SNR-γ weighting (Hang et al. 2023) when `snr_gamma` is set.
+
+    Min-SNR down-weights the many nearly noise-free timesteps whose epsilon loss is large but
+    says little about layout, colour or where edges go: what pretraining must learn first, and
+    what a control must change.
+    """
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    if not snr_gamma:
+        return per_sample.mean()
+    snr = compute_snr(scheduler, timesteps)
+    epsilon = scheduler.config.prediction_type == "epsilon"
+    weights = snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
+    return (per_sample * weights.to(per_sample.device)).mean()
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:

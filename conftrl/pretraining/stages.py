@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 
-from conftrl.diffusion.objective import encode_prompts, training_target
+from conftrl.diffusion.objective import denoising_loss, encode_prompts, training_target
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
@@ -36,11 +36,7 @@ def text_to_image_loss(
     generator: torch.Generator,
     snr_gamma: float | None,
 ) -> torch.Tensor:
-    """The denoising loss of SD training, with Min-SNR-γ weighting when `snr_gamma` is set.
-
-    Min-SNR down-weights the many nearly noise-free timesteps whose epsilon loss is large but
-    teaches little about layout and colour, which is what this model must learn first.
-    """
+    """The denoising loss of SD training (Min-SNR-γ weighted when `snr_gamma` is set)."""
     scheduler = pipe.scheduler
     with torch.no_grad():
         latents = pipe.vae.encode(images).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
@@ -48,14 +44,7 @@ def text_to_image_loss(
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
-    target = training_target(scheduler, latents, noise, timesteps)
-    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-    if not snr_gamma:
-        return per_sample.mean()
-    snr = compute_snr(scheduler, timesteps)
-    epsilon = scheduler.config.prediction_type == "epsilon"
-    weights = snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
-    return (per_sample * weights).mean()
+    return denoising_loss(prediction, training_target(scheduler, latents, noise, timesteps), scheduler, timesteps, snr_gamma)
 
 
 class Optimisation:
