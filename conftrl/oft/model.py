@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-import torch
 from torch import nn
 
 from conftrl.oft import serialization

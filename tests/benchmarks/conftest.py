@@ -7,7 +7,10 @@ packages, and every conftest is a module `conftest`); its fixtures are re-export
 from __future__ import annotations
 
 import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -21,6 +24,34 @@ single_thread = training.single_thread
 
 
 @pytest.fixture(scope="session")
+def tiny_spec():
+    """The sizes of the training tests' tiny base."""
+    return training.TEST_SPEC
+
+
+@pytest.fixture(scope="session")
 def fast_overrides(tiny_base) -> list[str]:
     """What the training tests pass to every run: the tiny base and a few steps of tiny batches."""
     return [f"model.path={tiny_base}", *training.FAST]
+
+
+def _benchmark_script(name: str) -> Iterator[ModuleType]:
+    """benchmarks/<name>.py as a module (benchmarks/ is no package), registered in sys.modules
+    while in use so that its dataclasses resolve."""
+    path = Path(__file__).parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def table2() -> Iterator[ModuleType]:
+    yield from _benchmark_script("table2")
+
+
+@pytest.fixture(scope="module")
+def train_step() -> Iterator[ModuleType]:
+    yield from _benchmark_script("train_step")

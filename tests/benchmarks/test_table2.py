@@ -3,28 +3,14 @@ table holds what each run logged, and a rerun trains nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "table2.py"
 
 pytestmark = pytest.mark.slow  # ten trainings in two processes: ~30 s on one core
-
-
-@pytest.fixture(scope="module")
-def table2():
-    """The script as a module (benchmarks/ is no package); registered so its dataclasses resolve."""
-    spec = importlib.util.spec_from_file_location("table2_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")

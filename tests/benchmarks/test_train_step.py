@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftrl.diffusion.tiny import TinySpec
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "train_step.py"
-SPEC = TinySpec(
-    resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32), norm_groups=8,
-    text_hidden=32, text_layers=1, max_tokens=16,
-)
-
 
 @pytest.fixture(scope="module")
-def train_step():
-    """The script as a module (benchmarks/ is no package); registered so its dataclasses resolve."""
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-
-
-@pytest.fixture(scope="module")
-def entry(train_step) -> dict:
+def entry(train_step, tiny_spec) -> dict:
     threads = torch.get_num_threads()
-    workload = train_step.Workload("test", batch=2, resolution=SPEC.resolution, spec=SPEC)
+    workload = train_step.Workload("test", batch=2, resolution=tiny_spec.resolution, spec=tiny_spec)
     settings = train_step.Settings(repeats=1, warmup=1, threads=1)
     *_, entry = train_step.benchmark(workload, list(train_step.METHODS), settings, isolated=False)
     torch.set_num_threads(threads)

@@ -1,6 +1,5 @@
 """conftrl <-> PEFT (current release): adapters move both ways with the same outputs."""
 
-import copy
 import warnings
 
 import pytest
