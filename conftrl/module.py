@@ -17,7 +17,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
-from conftrl.diffusion.objective import denoising_loss, encode_prompts, training_target
+from conftrl.diffusion.objective import denoising_loss, encode_prompts, sample_timesteps, training_target
 from conftrl.diffusion.sampling import sample_images
 from conftrl.methods import Method
 
@@ -33,10 +33,11 @@ class CheckpointMismatchError(ValueError):
 class ControlModule(LightningModule):
     def __init__(
         self, base: DiffusionBase, method: Method, gradient_checkpointing: bool = False, seed: int = 0,
-        snr_gamma: float | None = None,
+        snr_gamma: float | None = None, timestep_sampling: str = "uniform",
     ):
         super().__init__()
         self.base, self.method, self.seed, self.snr_gamma = base, method, seed, snr_gamma
+        self.timestep_sampling = timestep_sampling
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         # The control path first: ControlNet copies the UNet's weights before any adapter.
         self.control = build_control_path(method.control_path, base.unet, base.vae_scale_factor)
@@ -79,9 +80,7 @@ class ControlModule(LightningModule):
             text = encode_prompts(self.base.tokenizer, self.text_encoder, batch["caption"])
         scheduler = self.base.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=self.device
-        )
+        timesteps = sample_timesteps(scheduler, len(latents), generator, self.device, self.timestep_sampling)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = self.control.predict(self.unet, noisy, timesteps, text, control)
         target = training_target(scheduler, latents, noise, timesteps)

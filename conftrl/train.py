@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = ControlModule(
         load_base(cfg.model.path), instantiate(cfg.method), cfg.model.gradient_checkpointing, cfg.seed,
-        cfg.loss.snr_gamma,
+        cfg.loss.snr_gamma, cfg.loss.timesteps,
     )
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False

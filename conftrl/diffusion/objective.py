@@ -8,6 +8,25 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+
+
+def sample_timesteps(
+    scheduler: DDPMScheduler, n: int, generator: torch.Generator, device: torch.device | str = "cpu",
+    sampling: str = "uniform",
+) -> torch.Tensor:
+    """Training timesteps: uniform as in SD training, or "cubic", t = (1 - u³)·T, which
+    T2I-Adapter (Mou et al. 2023) uses because layout and edges are decided at high noise;
+    at low noise the noisy latent already shows the edges and a control has little to add."""
+    steps = scheduler.config.num_train_timesteps
+    if sampling == "uniform":
+        return torch.randint(0, steps, (n,), generator=generator, device=device)
+    if sampling == "cubic":
+        u = torch.rand(n, generator=generator, device=device)
+        return ((1 - u**3) * steps).long().clamp(max=steps - 1)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+
+
 def training_target(
     scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from conftrl.diffusion.objective import denoising_loss, encode_prompts, training_target
+from conftrl.diffusion.objective import denoising_loss, encode_prompts, sample_timesteps, training_target
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
@@ -42,7 +42,7 @@ def text_to_image_loss(
         latents = pipe.vae.encode(images).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
     text = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = sample_timesteps(scheduler, len(latents), generator)
     prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
     return denoising_loss(prediction, training_target(scheduler, latents, noise, timesteps), scheduler, timesteps, snr_gamma)
 
