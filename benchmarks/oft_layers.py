@@ -1,9 +1,10 @@
 """One adapted layer at SD 1.5 shapes: forward + backward time and memory against the frozen layer.
 
 Compares, per shape: the frozen plain layer (gradient to its input only: the floor any adapter
-pays), conftrl OFT (exact Cayley; r = 4 on Linear, blocks of 32 on Conv2d), PEFT OFT (same
-blocks, its default Cayley-Neumann and its exact Cayley) and PEFT LoRA with the same number of trainable parameters. Prints a Markdown
-table and writes JSON. Times are medians of repeated runs; memory is what autograd keeps for
+pays), conftrl OFT (exact Cayley; r = 4 on Linear, blocks of 32 on Conv2d; on Linear also with
+each of its two forms pinned, to check the automatic choice), PEFT OFT (same blocks, its
+default Cayley-Neumann and its exact Cayley) and PEFT LoRA with the same number of trainable
+parameters. Prints a Markdown table and writes JSON. Times are medians of repeated runs; memory is what autograd keeps for
 the backward pass (bytes of saved tensors, measured with saved-tensor hooks), which is what
 differs between methods and is deterministic on any device.
 
@@ -20,12 +21,14 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from conftrl import OFTConfig, OFTModel
+from conftrl.oft import OFTLayer
 
 R = 4
 
@@ -111,8 +114,17 @@ def make_methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
     def frozen(model: nn.Module) -> nn.Module:
         return model.requires_grad_(False)
 
-    def conftrl_oft(model: nn.Module) -> nn.Module:
-        return OFTModel(model, OFTConfig(target_modules=["layer"], **block_options(shape)))
+    def conftrl_oft(model: nn.Module, computation: str = "auto") -> nn.Module:
+        wrapped = OFTModel(model, OFTConfig(target_modules=["layer"], **block_options(shape)))
+        for layer in wrapped.modules():
+            if isinstance(layer, OFTLayer):
+                layer.computation = computation
+        return wrapped
+
+    # A Linear's two forms pinned, to check the automatic choice against both.
+    pinned = {} if shape.kind != "linear" else {
+        f"conftrl OFT ({form}-centric)": partial(conftrl_oft, computation=form) for form in ("input", "weight")
+    }
 
     def peft_oft(neumann: bool) -> Callable[[nn.Module], nn.Module]:
         def build(model: nn.Module) -> nn.Module:
@@ -127,6 +139,7 @@ def make_methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
     return {
         "frozen": frozen,
         "conftrl OFT": conftrl_oft,
+        **pinned,
         "PEFT OFT (Neumann)": peft_oft(True),
         "PEFT OFT (exact)": peft_oft(False),
         f"PEFT LoRA r{lora_rank}": peft_lora,

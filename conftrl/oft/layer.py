@@ -5,7 +5,7 @@ Two ways to compute the same output (see the project's OFT notes):
   ~3*N*d*b for forward + backward.
 - weight-centric: build W' = W R^T block-wise (out*d*b), then run the base op; backward pays
   the full weight gradient of W' (N*d*out).
-Linear layers pick the cheaper one per call from the actual token count; a k x k Conv2d is
+Linear layers pick the cheaper one per call from the actual token count and the device; a k x k Conv2d is
 always weight-centric because the input-centric form would unfold its activations k^2 times.
 """
 
@@ -19,6 +19,13 @@ from torch import nn
 
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.rotation import OFTRotation, solve_blocks
+
+# How much slower a multiply-add of the input-centric form's block-wise products (inner width b,
+# reshapes between them) runs than one of a layer-sized matmul, per device type. Measured with
+# benchmarks/oft_layers.py: on a CPU the weight-centric form is 1.2x the frozen 320->320 layer
+# at 8192 tokens where the input-centric one is 1.6x, although it does more multiply-adds.
+# Other device types (GPUs not yet measured) use the plain multiply-add count.
+BLOCKWISE_SLOWDOWN = {"cpu": 1.5}
 
 
 def input_dimension(layer: nn.Module) -> int:
@@ -193,7 +200,8 @@ class OFTLayer(nn.Module):
             return self.computation == "input"
         block_sum = sum(r.block_size for r in rotations)
         if torch.is_grad_enabled() and any(r.weight.requires_grad for r in rotations):
-            return 3 * tokens * block_sum < tokens * self.out_dim + 2 * self.out_dim * block_sum
+            slowdown = BLOCKWISE_SLOWDOWN.get(rotations[0].weight.device.type, 1.0)
+            return 3 * tokens * block_sum * slowdown < tokens * self.out_dim + 2 * self.out_dim * block_sum
         return tokens < self.out_dim
 
     def _live_rotations(self) -> list[OFTRotation]:

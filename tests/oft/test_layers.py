@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import conftrl.oft.layer
 from conftrl.oft import Conv2d, Linear, OFTConfig, OFTRotation
 from conftrl.oft.rotation import neumann_coefficients
 
@@ -85,6 +86,25 @@ def test_auto_choice_follows_cost_model():
     assert not layer._input_centric_is_cheaper(1000, rotations)  # 1000 tokens
     layer = make_layer(nn.Linear(64, 64), r=8)  # b = 8 < out/3: input-centric pays less
     assert layer._input_centric_is_cheaper(1000, list(layer.oft_R.values()))
+
+
+@pytest.mark.parametrize(
+    "d, out, tokens, input_centric",
+    [
+        (320, 320, 2 * 64**2, False),  # measured on a CPU: weight-centric 1.2x the layer, input 1.6x
+        (320, 2560, 2 * 64**2, True),  # GEGLU projection: b/out is small
+        (1280, 1280, 2 * 16**2, True),  # few tokens: the weight gradient would dominate
+    ],
+)
+def test_auto_choice_on_cpu_counts_blockwise_products_slower(d, out, tokens, input_centric):
+    layer = make_layer(nn.Linear(d, out), r=4)
+    assert layer._input_centric_is_cheaper(tokens, list(layer.oft_R.values())) is input_centric
+
+
+def test_auto_choice_elsewhere_is_the_plain_multiply_add_count(monkeypatch):
+    monkeypatch.setattr(conftrl.oft.layer, "BLOCKWISE_SLOWDOWN", {})  # as for an unmeasured device type
+    layer = make_layer(nn.Linear(320, 320), r=4)
+    assert layer._input_centric_is_cheaper(2 * 64**2, list(layer.oft_R.values()))
 
 
 CONVS = [
