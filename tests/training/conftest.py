@@ -78,6 +78,13 @@ def make_config(tiny_base, tmp_path):
     return make
 
 
+@pytest.fixture
+def compose_train():
+    """`compose_train(overrides, output_dir)` → the train config with nothing preset (the
+    embedded base, full-size data), for runs that must measure the real thing."""
+    return lambda overrides, output_dir: compose_config("train", overrides, output_dir)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_base, tmp_path_factory) -> Path:
     """The output dir of a 4-step canny COFT run validated twice (CSV log, adapter/)."""

@@ -26,6 +26,18 @@ def test_fast_dev_run_of_every_experiment(make_config, experiment):
     assert adapter.method.name == cfg.method.name
 
 
+def test_the_long_cpu_run_is_the_default_run_continued(compose_train, tmp_path):
+    """trainer=cpu_long changes only how long the default run goes and how often it validates,
+    so its first validations repeat the default run's (the README compares the two)."""
+    default = compose_train(["experiment=canny_coft"], tmp_path)
+    long = compose_train(["experiment=canny_coft", "trainer=cpu_long"], tmp_path)
+    assert long.trainer.max_steps > default.trainer.max_steps
+    assert long.trainer.val_check_interval % default.trainer.val_check_interval == 0
+    for key in ("max_steps", "val_check_interval"):
+        long.trainer[key] = default.trainer[key]
+    assert long == default
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in logged_metrics(output_dir) if "train/loss" in row}
 
