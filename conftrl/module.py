@@ -17,7 +17,9 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
-from conftrl.diffusion.objective import denoising_loss, encode_prompts, sample_timesteps, training_target
+from conftrl.diffusion.objective import (
+    TIMESTEP_SAMPLINGS, denoising_loss, encode_prompts, sample_timesteps, training_target,
+)
 from conftrl.diffusion.sampling import sample_images
 from conftrl.methods import Method
 
@@ -36,6 +38,8 @@ class ControlModule(LightningModule):
         snr_gamma: float | None = None, timestep_sampling: str = "uniform",
     ):
         super().__init__()
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"loss.timesteps={timestep_sampling!r}: expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
         self.base, self.method, self.seed, self.snr_gamma = base, method, seed, snr_gamma
         self.timestep_sampling = timestep_sampling
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder

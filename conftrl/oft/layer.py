@@ -5,8 +5,9 @@ Two ways to compute the same output (see the project's OFT notes):
   ~3*N*d*b for forward + backward.
 - weight-centric: build W' = W R^T block-wise (out*d*b), then run the base op; backward pays
   the full weight gradient of W' (N*d*out).
-Linear layers pick the cheaper one per call from the actual token count and the device; a k x k Conv2d is
-always weight-centric because the input-centric form would unfold its activations k^2 times.
+Linear layers pick the cheaper one per call from the actual token count and the device; a
+k x k Conv2d is always weight-centric because the input-centric form would unfold its
+activations k^2 times.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftrl.diffusion.objective import denoising_loss, sample_timesteps
+from conftrl.train import train
 
 
 @pytest.fixture
@@ -29,6 +30,11 @@ def test_cubic_sampling_stays_in_range_and_favours_high_noise(scheduler):
 def test_unknown_sampling_is_refused_by_name(scheduler):
     with pytest.raises(ValueError, match="'logit'.*uniform, cubic"):
         sample_timesteps(scheduler, 4, torch.Generator(), sampling="logit")
+
+
+def test_a_run_with_an_unknown_sampling_is_refused_before_training(make_config):
+    with pytest.raises(ValueError, match=r"loss.timesteps='logit': expected one of uniform, cubic"):
+        train(make_config("loss.timesteps=logit"))
 
 
 def test_min_snr_weighting_only_down_weights_nearly_clean_timesteps(scheduler):
