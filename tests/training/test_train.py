@@ -26,6 +26,13 @@ def test_fast_dev_run_of_every_experiment(make_config, experiment):
     assert adapter.method.name == cfg.method.name
 
 
+def test_every_encoder_experiment_uses_the_same_control_path(compose_train, tmp_path):
+    """Table 2 compares methods, not control paths: all but ControlNet feed the UNet alike."""
+    paths = {name: compose_train([f"experiment={name}"], tmp_path).method.control_path for name in EXPERIMENTS}
+    encoder_paths = {name: path for name, path in paths.items() if path != "controlnet"}
+    assert set(encoder_paths.values()) == {"multiscale"}, encoder_paths
+
+
 def test_the_long_cpu_run_is_the_default_run_continued(compose_train, tmp_path):
     """trainer=cpu_long changes only how long the default run goes and how often it validates,
     so its first validations repeat the default run's (the README compares the two)."""
