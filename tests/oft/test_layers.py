@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import conftrl.oft.layer
 from conftrl.oft import Conv2d, Linear, OFTConfig, OFTRotation
 from conftrl.oft.rotation import neumann_coefficients
 
@@ -102,7 +101,7 @@ def test_auto_choice_on_cpu_counts_blockwise_products_slower(d, out, tokens, inp
 
 
 def test_auto_choice_elsewhere_is_the_plain_multiply_add_count(monkeypatch):
-    monkeypatch.setattr(conftrl.oft.layer, "BLOCKWISE_SLOWDOWN", {})  # as for an unmeasured device type
+    monkeypatch.setattr("conftrl.oft.layer.BLOCKWISE_SLOWDOWN", {})  # as for an unmeasured device type
     layer = make_layer(nn.Linear(320, 320), r=4)
     assert layer._input_centric_is_cheaper(2 * 64**2, list(layer.oft_R.values()))
 
