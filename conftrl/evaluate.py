@@ -29,7 +29,7 @@ register_resolvers()
 SPLITS = ("val", "test")
 
 
-def _split_items(data_config: DictConfig, split: str, count: int) -> dict:
+def split_items(data_config: DictConfig, split: str, count: int) -> dict:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     datamodule = instantiate(data_config)
@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     score = FIDELITY_SCORERS[metric]
     sampling = adapter.sampling(steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler)
     sample = partial(adapter.sample, **sampling)
-    items = _split_items(adapter.config.data, cfg.split, cfg.num_images)
+    items = split_items(adapter.config.data, cfg.split, cfg.num_images)
 
     report = {
         "adapter": str(Path(cfg.adapter).resolve()),

@@ -55,3 +55,8 @@ def table2() -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def train_step() -> Iterator[ModuleType]:
     yield from _benchmark_script("train_step")
+
+
+@pytest.fixture(scope="module")
+def edge_errors() -> Iterator[ModuleType]:
+    yield from _benchmark_script("edge_errors")

@@ -13,6 +13,7 @@ from conftrl.metrics import (
     depth_order_accuracy,
     depth_rmse,
     edge_f1,
+    edge_misses,
     iou_per_class,
     labels_from_palette,
     mean_iou,
@@ -51,6 +52,24 @@ def test_edge_f1_identical_and_shifted():
     shifted = shapes_image(shift=1)
     strict, tolerant = edge_f1(shifted, reference), edge_f1(shifted, reference, tolerance_px=1)
     assert strict < 0.6 and tolerant > 0.95
+
+
+def test_edge_misses_tells_offset_jitter_and_wrong_content_apart():
+    true = canny_edges(shapes_image())
+    assert edge_misses(true, true) == {"exact": 1.0, "within_1px": 0.0, "farther": 0.0, "best_shift_f1": 1.0}
+    # A whole-image offset of 1 px: every pixel a near miss, and undoing the shift recovers F1 = 1.
+    offset = edge_misses(canny_edges(shapes_image(shift=1)), true)
+    assert offset["exact"] < 0.5 and offset["exact"] + offset["within_1px"] == pytest.approx(1.0)
+    assert offset["farther"] == 0.0 and offset["best_shift_f1"] == 1.0
+    # An extra edge far from any true one: counted as farther, in proportion to its pixels.
+    extra = true.copy()
+    extra[2, 50:60] = True  # the shapes' edges lie below row 11
+    misses = edge_misses(extra, true)
+    assert misses["farther"] == pytest.approx(10 / extra.sum())
+    assert misses["exact"] == pytest.approx(1 - 10 / extra.sum())
+    assert edge_misses(np.zeros_like(true), true) == {
+        "exact": 0.0, "within_1px": 0.0, "farther": 0.0, "best_shift_f1": 0.0
+    }
 
 
 def test_binary_f1_hand_computed_and_tolerance_definition():
