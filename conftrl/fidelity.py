@@ -18,10 +18,15 @@ from conftrl.metrics import depth_from_labels, depth_order_accuracy, depth_rmse,
 from datamodules.shapesworld import CLASS_NAMES, COLORS
 
 
+def control_edges(batch: dict) -> np.ndarray:
+    """The batch's canny controls as bool edge maps B×H×W (every channel holds the same map)."""
+    return batch["control"][:, 0].cpu().numpy() > 0.5
+
+
 def edge_fidelity(generated: np.ndarray, batch: dict) -> dict[str, float]:
     """Canny (100/200) edges of each image against the control's edge map: F1 strict and
     within 1 px (the OFT paper reports strict)."""
-    edges = batch["control"][:, 0].cpu().numpy() > 0.5
+    edges = control_edges(batch)
     return {
         "edge_f1": float(np.mean([edge_f1(g, e) for g, e in zip(generated, edges)])),
         "edge_f1_tol1": float(np.mean([edge_f1(g, e, tolerance_px=1) for g, e in zip(generated, edges)])),

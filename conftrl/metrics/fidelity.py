@@ -72,27 +72,30 @@ def edge_f1(
 
 
 def edge_misses(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Where the predicted edge pixels lie relative to the true edges, and how a global shift
-    would change the strict F1: tells jitter, offset and wrong content apart.
+    """Where the predicted edge pixels lie relative to the true edges, and how shifting the
+    whole map would change the strict F1: tells jitter, offset and wrong content apart.
 
     ``exact``, ``within_1px`` and ``farther`` are fractions of the predicted pixels at
     Chebyshev distance 0, 1 and more from a true pixel (they sum to 1; all 0 without
-    predicted pixels). ``best_shift_f1`` is the strict F1 of ``pred`` rolled by the one
-    shift in ``[-2, 2]²`` that maximises it: far above the unshifted F1, the prediction is
-    offset; equal to it, the misses are not a shift.
+    predicted pixels). ``strict_f1`` is :func:`binary_f1` of the maps as they are;
+    ``best_shift_f1`` that of ``pred`` rolled by the one shift in ``[-2, 2]²`` that maximises
+    it: far above ``strict_f1``, the prediction is offset; equal to it, the misses are not a
+    shift.
     """
     pred, true = pred.astype(bool), true.astype(bool)
     count = pred.sum()
     exact, near = (pred & true).sum(), (pred & _dilate(true, 1)).sum()
-    shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
-    best = max(binary_f1(np.roll(pred, shift, axis=(0, 1)), true) for shift in shifts)
+    shifted = {
+        (dy, dx): binary_f1(np.roll(pred, (dy, dx), axis=(0, 1)), true) for dy in range(-2, 3) for dx in range(-2, 3)
+    }
+    f1 = {"strict_f1": shifted[(0, 0)], "best_shift_f1": max(shifted.values())}
     if count == 0:
-        return {"exact": 0.0, "within_1px": 0.0, "farther": 0.0, "best_shift_f1": best}
+        return {**f1, "exact": 0.0, "within_1px": 0.0, "farther": 0.0}
     return {
+        **f1,
         "exact": float(exact / count),
         "within_1px": float((near - exact) / count),
         "farther": float((count - near) / count),
-        "best_shift_f1": best,
     }
 
 

@@ -56,11 +56,14 @@ def test_edge_f1_identical_and_shifted():
 
 def test_edge_misses_tells_offset_jitter_and_wrong_content_apart():
     true = canny_edges(shapes_image())
-    assert edge_misses(true, true) == {"exact": 1.0, "within_1px": 0.0, "farther": 0.0, "best_shift_f1": 1.0}
+    assert edge_misses(true, true) == {
+        "strict_f1": 1.0, "best_shift_f1": 1.0, "exact": 1.0, "within_1px": 0.0, "farther": 0.0
+    }
     # A whole-image offset of 1 px: every pixel a near miss, and undoing the shift recovers F1 = 1.
     offset = edge_misses(canny_edges(shapes_image(shift=1)), true)
     assert offset["exact"] < 0.5 and offset["exact"] + offset["within_1px"] == pytest.approx(1.0)
     assert offset["farther"] == 0.0 and offset["best_shift_f1"] == 1.0
+    assert offset["strict_f1"] == binary_f1(canny_edges(shapes_image(shift=1)), true)
     # An extra edge far from any true one: counted as farther, in proportion to its pixels.
     extra = true.copy()
     extra[2, 50:60] = True  # the shapes' edges lie below row 11
@@ -68,7 +71,7 @@ def test_edge_misses_tells_offset_jitter_and_wrong_content_apart():
     assert misses["farther"] == pytest.approx(10 / extra.sum())
     assert misses["exact"] == pytest.approx(1 - 10 / extra.sum())
     assert edge_misses(np.zeros_like(true), true) == {
-        "exact": 0.0, "within_1px": 0.0, "farther": 0.0, "best_shift_f1": 0.0
+        "strict_f1": 0.0, "best_shift_f1": 0.0, "exact": 0.0, "within_1px": 0.0, "farther": 0.0
     }
 
 
