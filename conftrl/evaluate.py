@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_unet
+from conftrl.diffusion.sampling import SAMPLING_OPTIONS
 from conftrl.evaluation import energy_change, fidelity, fidelity_ceiling, first_items, sample_grid
 from conftrl.export import INPUT_ERRORS, load_adapter
 from conftrl.fidelity import FIDELITY_SCORERS, HIGHER_IS_BETTER
@@ -54,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if metric not in FIDELITY_SCORERS:
         raise ValueError(f"fidelity metric {metric!r} unknown; set metric= one of {', '.join(FIDELITY_SCORERS)}")
     score = FIDELITY_SCORERS[metric]
-    sampling = adapter.sampling(steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler)
+    sampling = adapter.sampling(**{option: cfg[option] for option in SAMPLING_OPTIONS})
     sample = partial(adapter.sample, **sampling)
     items = split_items(adapter.config.data, cfg.split, cfg.num_images)
 

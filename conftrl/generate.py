@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from conftrl.config import config_dir, register_resolvers
 from conftrl.control.inputs import control_from_file
+from conftrl.diffusion.sampling import SAMPLING_OPTIONS
 from conftrl.export import INPUT_ERRORS, load_adapter
 from conftrl.images import save_png, to_uint8
 
@@ -34,7 +35,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     seeds = list(cfg.seeds)
     images = adapter.sample(
         [cfg.prompt] * len(seeds), control.repeat(len(seeds), 1, 1, 1), seeds,
-        steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler,
+        **{option: cfg[option] for option in SAMPLING_OPTIONS},
     )
     output_dir, stem = Path(cfg.output_dir), Path(cfg.control).stem
     save_png(to_uint8(control)[0], output_dir / f"{stem}_control.png")

@@ -6,6 +6,11 @@ code stays untouched and any pipeline that calls the UNet is controlled. `Contro
 is the ControlNet baseline, diffusers' `ControlNetModel` feeding residuals to the UNet.
 Both expose the same three things: `predict` for a training step, `pipeline` and
 `pipeline_kwargs` + `applied` for sampling.
+
+Under classifier-free guidance a pipeline calls the UNet on the batch [uncond; cond]. By
+default (diffusers' ControlNet pipeline) control enters both halves, and guidance amplifies
+only the text. `applied(..., guided=True)` keeps control out of the unconditional half, so
+that guidance amplifies the control too: eps = eps(∅) + w·(eps(text, control) − eps(∅)).
 """
 
 from __future__ import annotations
@@ -59,9 +64,13 @@ class EncoderControl(nn.Module):
         self._hooks = [target.register_forward_hook(AddControlFeature(self, i)) for i, target in enumerate(targets)]
 
     @contextmanager
-    def applied(self, control: torch.Tensor):
-        """Within this block every UNet call gets `control`'s features."""
-        self.features = self.encoder(control)
+    def applied(self, control: torch.Tensor, scale: float = 1.0, guided: bool = False):
+        """Within this block every UNet call gets `control`'s features times `scale`; with
+        `guided`, only the conditional half of a guidance batch does (see the module notes)."""
+        features = [scale * feature for feature in self.encoder(control)]
+        if guided:
+            features = [torch.cat([torch.zeros_like(feature), feature]) for feature in features]
+        self.features = features
         try:
             yield
         finally:
@@ -85,6 +94,31 @@ class EncoderControl(nn.Module):
             hook.remove()
 
 
+class ScaleResiduals:
+    """Forward hook multiplying each row of a ControlNet's residuals by its weight."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def __call__(self, module, args, output):
+        down, mid = output  # the pipeline calls the ControlNet with return_dict=False
+
+        def scaled(residual: torch.Tensor) -> torch.Tensor:
+            weights = self.weights.to(residual.device, residual.dtype)
+            return residual * weights.repeat(len(residual) // len(weights)).view(-1, 1, 1, 1)
+
+        return [scaled(r) for r in down], scaled(mid)
+
+
+@contextmanager
+def _hooked(module: nn.Module, hook):
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class ControlNetControl(nn.Module):
     """The ControlNet baseline: a trainable copy of the UNet's encoder half."""
 
@@ -94,8 +128,16 @@ class ControlNetControl(nn.Module):
         super().__init__()
         self.controlnet = controlnet
 
-    def applied(self, control: torch.Tensor):
-        return nullcontext()
+    def applied(self, control: torch.Tensor, scale: float = 1.0, guided: bool = False):
+        """Scales the ControlNet's residuals, and zeroes them for the unconditional half of a
+        guidance batch with `guided`. Not diffusers' `guess_mode`: that also damps the residuals
+        of the outer blocks, which the encoder path has no counterpart for."""
+        if scale == 1.0 and not guided:
+            return nullcontext()
+        weights = torch.full((len(control),), float(scale))
+        if guided:
+            weights = torch.cat([torch.zeros_like(weights), weights])
+        return _hooked(self.controlnet, ScaleResiduals(weights))
 
     def predict(self, unet, noisy, timesteps, text, control) -> torch.Tensor:
         down, mid = self.controlnet(

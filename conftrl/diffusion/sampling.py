@@ -7,6 +7,8 @@ import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
+# The settings of `sample_images` a run records (its `sampling`) and the CLIs can override.
+SAMPLING_OPTIONS = ("sampler", "steps", "cfg_scale", "control_scale", "guide_control")
 
 
 @torch.no_grad()
@@ -19,13 +21,16 @@ def sample_images(
     steps: int = 20,
     cfg_scale: float = 4.0,
     sampler: str = "ddim",
+    control_scale: float = 1.0,
+    guide_control: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
     """One image per (prompt, control image, seed): uint8 array B×H×W×3.
 
-    Control enters both classifier-free-guidance branches (the control path repeats its
-    features over the pipeline's [uncond; cond] batch, or the ControlNet pipeline does).
-    CPU generators keep the images identical across devices for the same seeds.
+    `control_scale` multiplies the control's features (or ControlNet residuals). Control
+    enters both classifier-free-guidance branches, as in diffusers' ControlNet pipeline, or
+    with `guide_control` only the conditional one, so that `cfg_scale` amplifies it like the
+    text. CPU generators keep the images identical across devices for the same seeds.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -34,7 +39,8 @@ def sample_images(
     pipe = control_path.pipeline(base, SAMPLERS[sampler].from_config(base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     control = control.to(base.unet.device, base.unet.dtype)
-    with control_path.applied(control):
+    guided = guide_control and cfg_scale > 1  # diffusers runs the [uncond; cond] batch only then
+    with control_path.applied(control, control_scale, guided):
         images = pipe(
             prompt=list(prompts),
             height=control.shape[-2],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from conftrl.control import ControlEncoder, build_control_path
 from conftrl.diffusion import load_base
+from conftrl.diffusion.sampling import sample_images
 
 
 def test_encoder_has_the_papers_eight_convs_for_sd15():
@@ -50,3 +52,66 @@ def test_features_are_added_for_both_guidance_branches(tiny_base):
         doubled = base.unet(noisy.repeat(2, 1, 1, 1), t.repeat(2), text.repeat(2, 1, 1)).sample
     torch.testing.assert_close(doubled, single.repeat(2, 1, 1, 1), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(single, base.unet(noisy, t, text).sample)  # outside the block: no control
+
+
+def _randomised(path: nn.Module) -> nn.Module:
+    """The control path with random weights in its zero-initialised convs: control has an effect."""
+    for module in path.modules():
+        if isinstance(module, nn.Conv2d) and torch.count_nonzero(module.weight) == 0:
+            nn.init.normal_(module.weight, std=0.1)
+    return path
+
+
+def test_guided_encoder_control_enters_only_the_conditional_half(tiny_base):
+    base = load_base(tiny_base)
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
+    noisy, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 12, 32)
+    control = torch.rand(1, 3, 32, 32)
+    plain = base.unet(noisy, t, text).sample
+    with torch.no_grad(), path.applied(control, scale=0.5):
+        half = base.unet(noisy, t, text).sample
+    with torch.no_grad():
+        full = path.predict(base.unet, noisy, t, text, control)
+    with torch.no_grad(), path.applied(control, scale=0.5, guided=True):  # [uncond; cond]
+        guided = base.unet(noisy.repeat(2, 1, 1, 1), t.repeat(2), text.repeat(2, 1, 1)).sample
+    torch.testing.assert_close(guided[:1], plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(guided[1:], half, atol=1e-5, rtol=1e-4)
+    assert (half - plain).abs().max() > 1e-3 and (full - half).abs().max() > 1e-3
+
+
+def test_guided_controlnet_residuals_are_scaled_and_zero_for_the_unconditional_half(tiny_base):
+    base = load_base(tiny_base)
+    path = _randomised(build_control_path("controlnet", base.unet, base.vae_scale_factor))
+    noisy, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 12, 32)
+    control = torch.rand(1, 3, 32, 32)
+
+    def residuals():
+        down, mid = path.controlnet(
+            noisy, t, encoder_hidden_states=text, controlnet_cond=control.repeat(2, 1, 1, 1), return_dict=False
+        )
+        return [*down, mid]
+
+    with torch.no_grad():
+        plain = residuals()
+        with path.applied(control, scale=3.0, guided=True):
+            guided = residuals()
+        with path.applied(control, scale=3.0):
+            scaled = residuals()
+    assert all(p.abs().max() > 0 for p in plain)
+    for p, g, s in zip(plain, guided, scaled):
+        assert torch.count_nonzero(g[:1]) == 0
+        torch.testing.assert_close(g[1:], 3.0 * p[1:])
+        torch.testing.assert_close(s, 3.0 * p)
+    torch.testing.assert_close(residuals()[-1], plain[-1])  # the hook is gone after the block
+
+
+def test_guided_control_changes_samples_only_under_guidance(tiny_base):
+    base = load_base(tiny_base)
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
+    control, prompts, seeds = torch.rand(2, 3, 32, 32), ["a red circle"] * 2, [0, 1]
+
+    def sample(**sampling):
+        return sample_images(base, path, prompts, control, seeds, steps=2, **sampling).astype(int)
+
+    assert np.abs(sample(cfg_scale=4.0, guide_control=True) - sample(cfg_scale=4.0)).max() > 0
+    np.testing.assert_array_equal(sample(cfg_scale=1.0, guide_control=True), sample(cfg_scale=1.0))
