@@ -30,7 +30,9 @@ def sample_images(
     `control_scale` multiplies the control's features (or ControlNet residuals). Control
     enters both classifier-free-guidance branches, as in diffusers' ControlNet pipeline, or
     with `guide_control` only the conditional one, so that `cfg_scale` amplifies it like the
-    text. CPU generators keep the images identical across devices for the same seeds.
+    text. `guide_control` defaults to False here (conf/train.yaml sets it for new runs) so
+    that adapters whose run recorded no such key sample as their run validated them. CPU
+    generators keep the images identical across devices for the same seeds.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

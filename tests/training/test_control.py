@@ -39,12 +39,17 @@ def test_a_fresh_control_path_leaves_the_unet_unchanged_and_learns(tiny_base, ki
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in path.parameters())
 
 
+def _randomised(path: nn.Module) -> nn.Module:
+    """The control path with random weights in its zero-initialised convs: control has an effect."""
+    for module in path.modules():
+        if isinstance(module, nn.Conv2d) and torch.count_nonzero(module.weight) == 0:
+            nn.init.normal_(module.weight, std=0.1)
+    return path
+
+
 def test_features_are_added_for_both_guidance_branches(tiny_base):
     base = load_base(tiny_base)
-    path = build_control_path("multiscale", base.unet, base.vae_scale_factor)
-    for conv in path.encoder.modules():
-        if isinstance(conv, nn.Conv2d):
-            nn.init.normal_(conv.weight, std=0.05)
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
     noisy, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 12, 32)
     control = torch.rand(1, 3, 32, 32)
     single = path.predict(base.unet, noisy, t, text, control)
@@ -52,14 +57,6 @@ def test_features_are_added_for_both_guidance_branches(tiny_base):
         doubled = base.unet(noisy.repeat(2, 1, 1, 1), t.repeat(2), text.repeat(2, 1, 1)).sample
     torch.testing.assert_close(doubled, single.repeat(2, 1, 1, 1), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(single, base.unet(noisy, t, text).sample)  # outside the block: no control
-
-
-def _randomised(path: nn.Module) -> nn.Module:
-    """The control path with random weights in its zero-initialised convs: control has an effect."""
-    for module in path.modules():
-        if isinstance(module, nn.Conv2d) and torch.count_nonzero(module.weight) == 0:
-            nn.init.normal_(module.weight, std=0.1)
-    return path
 
 
 def test_guided_encoder_control_enters_only_the_conditional_half(tiny_base):
