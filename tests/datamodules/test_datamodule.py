@@ -107,6 +107,17 @@ def test_sampler_shuffles_a_permutation_per_epoch():
     assert [i for i, _ in EpochSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
 
 
+def test_sampler_skips_the_start_of_one_pass_only():
+    """A run resumed mid-epoch gets the rest of that epoch's order, then whole epochs again."""
+    full = EpochSampler(10, seed=0)
+    epoch0, epoch1 = list(full), list(full)
+    resumed = EpochSampler(10, seed=0)
+    resumed.skip_next(4)
+    assert list(resumed) == epoch0[4:] and list(resumed) == epoch1
+    with pytest.raises(ValueError, match="0 to 9 samples.*got 10"):
+        resumed.skip_next(10)
+
+
 def test_setup_builds_only_the_stage_splits():
     datamodule = ShapesWorldDataModule(CannyAnnotator(), resolution=16, num_train=4)
     datamodule.setup("test")

@@ -49,9 +49,12 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in logged_metrics(output_dir) if "train/loss" in row}
 
 
-def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(make_config, tmp_path):
+@pytest.mark.parametrize("num_train", [4, 6], ids=["at-epoch-end", "mid-epoch"])
+def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(make_config, tmp_path, num_train):
+    """Batches of 2: with 6 samples the checkpoint at step 2 falls inside the first epoch, so
+    the resumed run must finish that epoch (step 2) and then start the next (step 3)."""
     common = ["experiment=canny_coft", "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
-              "trainer.val_check_interval=2"]
+              "trainer.val_check_interval=2", f"data.num_train={num_train}"]
     straight = make_config(*common, "trainer.max_steps=4", output_dir=tmp_path / "straight")
     train(straight)
     interrupted = make_config(*common, "trainer.max_steps=2", output_dir=tmp_path / "resumed")
