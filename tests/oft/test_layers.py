@@ -49,6 +49,34 @@ def test_blocks_are_orthogonal(block_size):
     assert torch.allclose(torch.linalg.det(q), torch.ones(3, dtype=torch.double), atol=1e-5)
 
 
+def test_skew_stores_the_upper_triangle_row_major():
+    """PEFT's layout: (0,1), (0,2), (1,2) for a 3x3 block; the lower triangle is its negative."""
+    rotation = OFTRotation(2, 3)
+    with torch.no_grad():
+        rotation.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    expected = torch.tensor([[[0.0, 1, 2], [-1, 0, 3], [-2, -3, 0]], [[0.0, 4, 5], [-4, 0, 6], [-5, -6, 0]]])
+    assert torch.equal(rotation.skew(), expected)
+
+
+@pytest.mark.parametrize("width", [65, 201, 320])
+@pytest.mark.parametrize("scale", [1e-3, 0.3])
+def test_cpu_cayley_by_halving_matches_lapack(width, scale):
+    """Wide CPU blocks are inverted by 2x2 block elimination; it must equal LAPACK's solve.
+
+    Odd widths split unevenly; the larger scale gives ||S||_2 of order 10, far past training.
+    """
+    from conftrl.oft.rotation import cayley
+
+    torch.manual_seed(0)
+    upper = torch.randn(3, width, width, dtype=torch.double) * scale
+    skew = upper - upper.transpose(1, 2)
+    eye = torch.eye(width, dtype=torch.double)
+    expected = torch.linalg.solve(eye + skew, eye - skew)
+    assert (cayley(skew) - expected).abs().max() < 1e-12
+    assert (cayley(skew.float()).double() - expected).abs().max() < 2e-5
+    assert torch.equal(cayley(torch.zeros(2, width, width)), torch.eye(width).expand(2, -1, -1))
+
+
 def test_rotation_acts_on_input_side():
     """y = W R^T x + b: row norms of the effective weight equal the base's; bias untouched."""
     torch.manual_seed(0)
@@ -299,6 +327,8 @@ def test_cayley_gradient_matches_autograd_through_solve(block_size):
 def _cayley_of(rotation, weight):
     from conftrl.oft.rotation import _Cayley
 
-    upper = weight.new_zeros(weight.shape[0], rotation.block_size, rotation.block_size)
-    upper[:, rotation._rows, rotation._cols] = weight
+    b = rotation.block_size
+    rows, cols = torch.triu_indices(b, b, 1)
+    upper = weight.new_zeros(weight.shape[0], b, b)
+    upper[:, rows, cols] = weight
     return _Cayley.apply(upper - upper.transpose(1, 2))
