@@ -143,10 +143,11 @@ CONVS = [
 ]
 
 
-@pytest.mark.parametrize("conv_args", CONVS[:4])
-def test_conv_unfolded_and_weight_forms_agree(conv_args):
+@pytest.mark.parametrize("block_share", [False, True])
+@pytest.mark.parametrize("conv_args", CONVS[:4] + [dict(CONVS[1], bias=False)])
+def test_conv_unfolded_and_weight_forms_agree(conv_args, block_share):
     torch.manual_seed(0)
-    layer = make_layer(nn.Conv2d(**conv_args), r=2)
+    layer = make_layer(nn.Conv2d(**conv_args), r=2, block_share=block_share)
     randomize(layer)
     x = torch.randn(2, conv_args["in_channels"], 9, 9, requires_grad=True)
     results = []
