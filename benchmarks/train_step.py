@@ -18,18 +18,20 @@ UNets (`--models`): `tiny` (the embedded base's `TinySpec`, the default experime
 at 64 px), `sd100m` (a 115 M-parameter SD-shaped UNet, blocks 192/384/768, batch 2 at 256 px)
 and `sd15` (SD 1.5's UNet, VAE and CLIP text encoder, batch 16 at 512 px, gradient
 checkpointing as `model=sd15` trains; for a GPU). The time is the median of `--repeats` steps
-after `--warmup` steps; each method runs in a fresh process so its peak memory is its own.
+after `--warmup` steps; each method runs in a fresh process so its peak memory is its own, and
+`--rounds N` runs the method list N times over and pools each method's steps.
 JSON and Markdown are rewritten after every method, so a run cut short keeps what it measured.
 
     python benchmarks/train_step.py [--models tiny sd100m] [--methods floor oft ...] \\
         [--device cpu|cuda] [--precision fp32|bf16] [--batch N] [--resolution PX] \\
-        [--repeats 5] [--warmup 2] [--threads N] [--out outputs/benchmarks/train_step.json]
+        [--repeats 5] [--warmup 2] [--rounds 1] [--threads N] [--out outputs/benchmarks/train_step.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import multiprocessing
@@ -99,6 +101,7 @@ class Settings:
     repeats: int = 5
     warmup: int = 2
     threads: int = 1
+    rounds: int = 1  # passes over the method list; each method runs once per pass
 
 
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16: autocast, fp32 weights, as trainer=gpu
@@ -381,17 +384,35 @@ def run_method(workload: Workload, method: str, settings: Settings, isolated: bo
         return {"method": method, "error": f"{type(error).__name__}: {error}"}
 
 
-def benchmark(workload: Workload, methods: list[str], settings: Settings, isolated: bool = True) -> Iterator[dict]:
-    """Yields the workload's entry (one dict, growing) after each method has run."""
+def pooled(runs: list[dict]) -> dict:
+    """One method's result over its rounds: the median of all timed steps and of the peaks.
+
+    Rounds alternate the methods, so a slow spell on a shared machine falls on all of them
+    instead of on whichever method happened to run then."""
+    failed = next((r for r in runs if "error" in r), None)
+    if failed or len(runs) == 1:
+        return failed or runs[0]
+    times = [t for r in runs for t in r["step_times_s"]]
+    peak = statistics.median(r["peak_memory_bytes"] for r in runs)
+    return {**runs[0], "median_s": statistics.median(times), "step_times_s": times, "peak_memory_bytes": peak,
+            "rounds": len(runs)}
+
+
+def benchmark(
+    workload: Workload, methods: list[str], settings: Settings, isolated: bool = True
+) -> Iterator[tuple[str, dict]]:
+    """Yields the method just run and the workload's entry (one dict, growing), round after round."""
     entry = {**dataclasses.asdict(workload), "spec": None, "results": [], "checks": []}
     if workload.spec is not None:
         entry["spec"] = {k: v for k, v in dataclasses.asdict(workload.spec).items() if k != "words"}
-    for method in methods:
-        entry["results"].append(run_method(workload, method, settings, isolated))
+    runs: dict[str, list[dict]] = {}
+    for _round, method in itertools.product(range(settings.rounds), methods):
+        runs.setdefault(method, []).append(run_method(workload, method, settings, isolated))
+        entry["results"] = [pooled(method_runs) for method_runs in runs.values()]
         measured = [r for r in entry["results"] if "error" not in r]
         add_ratios(measured)
         entry["checks"] = check_targets(measured, settings)
-        yield entry
+        yield method, entry
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -447,6 +468,10 @@ def workload_markdown(entry: dict) -> list[str]:
     return lines + [""]
 
 
+def rounds_text(rounds: int) -> str:
+    return "" if rounds == 1 else f", in each of {rounds} rounds that alternate the methods (medians pooled)"
+
+
 def to_markdown(report: dict) -> str:
     measured = [r for e in report["workloads"] for r in e["results"] if "error" not in r]
     load = report["load_average"]
@@ -454,7 +479,7 @@ def to_markdown(report: dict) -> str:
         f"{measured[0]['device_name'] if measured else report['device']}, torch {report['torch']}, "
         f"{report['precision']}, {report['threads']} threads on {report['cpu_count']} CPUs, load average "
         f"{load['start'][0]:.1f} at start and {load['end'][0]:.1f} at end; median of {report['repeats']} steps "
-        f"after {report['warmup']} warm-up. Peak memory: CUDA's max allocated, or the resident-set peak above "
+        f"after {report['warmup']} warm-up{rounds_text(report.get('rounds', 1))}. Peak memory: CUDA's max allocated, or the resident-set peak above "
         "the interpreter's, each method in a fresh process.",
         "",
     ]
@@ -463,8 +488,9 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def progress_line(entry: dict) -> str:
-    r = entry["results"][-1]
+def progress_line(entry: dict, method: str) -> str:
+    """The method's pooled result so far."""
+    r = next(r for r in entry["results"] if r["method"] == method)
     if "error" in r:
         return f"{entry['name']:7s} {r['method']:10s} failed: {r['error']}"
     return (f"{entry['name']:7s} {r['method']:10s} {r['median_s']:8.3f} s  x{ratio(r['ratio_to_floor'])}  "
@@ -491,6 +517,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the method list this many times over, each method once per round, and pool")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/train_step.json"))
     return parser.parse_args()
 
@@ -509,7 +537,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = Settings(args.device, args.precision, args.repeats, args.warmup, torch.get_num_threads())
+    settings = Settings(args.device, args.precision, args.repeats, args.warmup, torch.get_num_threads(), args.rounds)
     report = {
         "benchmark": "train_step", "torch": torch.__version__, **dataclasses.asdict(settings),
         "cpu_count": os.cpu_count(), "load_average": {"start": os.getloadavg(), "end": os.getloadavg()},
@@ -518,9 +546,9 @@ def main() -> None:
 
     for name in args.models:
         report["workloads"].append({})
-        for entry in benchmark(configured(WORKLOADS[name], args), args.methods, settings):
+        for method, entry in benchmark(configured(WORKLOADS[name], args), args.methods, settings):
             report["workloads"][-1] = entry
-            print(progress_line(entry), flush=True)
+            print(progress_line(entry, method), flush=True)
             save(report, args.out)
     print(to_markdown(report))
 

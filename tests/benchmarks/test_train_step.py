@@ -12,7 +12,7 @@ def entry(train_step, tiny_spec) -> dict:
     threads = torch.get_num_threads()
     workload = train_step.Workload("test", batch=2, resolution=tiny_spec.resolution, spec=tiny_spec)
     settings = train_step.Settings(repeats=1, warmup=1, threads=1)
-    *_, entry = train_step.benchmark(workload, list(train_step.METHODS), settings, isolated=False)
+    *_, (_, entry) = train_step.benchmark(workload, list(train_step.METHODS), settings, isolated=False)
     torch.set_num_threads(threads)
     return entry
 
@@ -62,3 +62,23 @@ def test_report_holds_a_row_and_the_applicable_targets(train_step, entry):
     checked = {(c["quantity"], c["against"]) for c in entry["checks"]}
     # On a CPU the GPU-only bf16 target does not apply; the others do.
     assert checked == {(t.quantity, t.against) for t in train_step.TARGETS if t.device != "cuda"}
+
+
+def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypatch):
+    """--rounds N: the method list runs N times over; each method's steps are pooled."""
+    calls = []
+
+    def fake_run(workload, method, settings, isolated):
+        calls.append(method)
+        seconds = {"floor": 1.0, "oft": 2.0}[method] + len(calls) / 100  # later runs slower
+        return {"method": method, "median_s": seconds, "step_times_s": [seconds], "peak_memory_bytes": len(calls)}
+
+    monkeypatch.setattr(train_step, "run_method", fake_run)
+    settings = train_step.Settings(rounds=3)
+    *_, (last, entry) = train_step.benchmark(train_step.WORKLOADS["tiny"], ["floor", "oft"], settings)
+    assert calls == ["floor", "oft"] * 3 and last == "oft"
+    floor, oft = entry["results"]
+    assert floor["step_times_s"] == [1.01, 1.03, 1.05] and floor["median_s"] == 1.03 and floor["rounds"] == 3
+    assert oft["median_s"] == 2.04 and oft["peak_memory_bytes"] == 4
+    assert oft["ratio_to_floor"] == 2.04 / 1.03
+    assert train_step.rounds_text(1) == "" and "each of 3 rounds" in train_step.rounds_text(3)
