@@ -23,3 +23,24 @@ def test_compiled_wrapped_unet_matches_eager():
     out.square().mean().backward()
     grads = [p.grad for p in wrapped.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.slow
+def test_compiled_wide_blocks_match_eager():
+    """Blocks wider than 64 take the CPU's inversion by halving; compiled, it gives eager's
+    output and gradients."""
+    torch.manual_seed(0)
+    wrapped = OFTModel(torch.nn.Sequential(torch.nn.Linear(320, 16)), OFTConfig(target_modules=["0"], r=2))
+    rotation = next(layer for _, layer in wrapped.oft_layers()).oft_R["default"]
+    with torch.no_grad():
+        rotation.weight.normal_(0, 0.01)
+    x = torch.randn(4, 320)
+    gradients = []
+    for model in (wrapped, torch.compile(wrapped)):
+        out = model(x)
+        out.square().sum().backward()
+        gradients.append((out.detach(), rotation.weight.grad.clone()))
+        rotation.weight.grad = None
+    (eager, eager_grad), (compiled, compiled_grad) = gradients
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert torch.allclose(compiled_grad, eager_grad, atol=1e-5, rtol=1e-4)
