@@ -479,8 +479,8 @@ def to_markdown(report: dict) -> str:
         f"{measured[0]['device_name'] if measured else report['device']}, torch {report['torch']}, "
         f"{report['precision']}, {report['threads']} threads on {report['cpu_count']} CPUs, load average "
         f"{load['start'][0]:.1f} at start and {load['end'][0]:.1f} at end; median of {report['repeats']} steps "
-        f"after {report['warmup']} warm-up{rounds_text(report.get('rounds', 1))}. Peak memory: CUDA's max allocated, or the resident-set peak above "
-        "the interpreter's, each method in a fresh process.",
+        f"after {report['warmup']} warm-up{rounds_text(report.get('rounds', 1))}. Peak memory: CUDA's max "
+        "allocated, or the resident-set peak above the interpreter's, each method in a fresh process.",
         "",
     ]
     for entry in report["workloads"]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 # Batched LU (`linalg.solve`/`inv`) on CPU is unreliable for matrices wider than ~150 with more
-# than one thread (pytorch#142815: wrong pivots, garbage or hangs). Wider CPU blocks are solved
-# one at a time, which is exact and costs little next to the layer's own matmuls.
+# than one thread (pytorch#142815: wrong pivots, garbage or hangs). `solve_blocks` (unmerge)
+# solves wider CPU blocks one at a time, which is exact.
 _CPU_BATCHED_SOLVE_MAX_WIDTH = 128
 # On CPU, LAPACK's LU solve runs at a fraction of its matmul speed: 4 blocks of 320 took 21 ms to
 # solve where one product of them took 4 ms (one thread, benchmarks/oft_layers.py's 1280-wide
