@@ -19,7 +19,9 @@ at 64 px), `sd100m` (a 115 M-parameter SD-shaped UNet, blocks 192/384/768, batch
 and `sd15` (SD 1.5's UNet, VAE and CLIP text encoder, batch 16 at 512 px, gradient
 checkpointing as `model=sd15` trains; for a GPU). The time is the median of `--repeats` steps
 after `--warmup` steps; each method runs in a fresh process so its peak memory is its own, and
-`--rounds N` runs the method list N times over and pools each method's steps.
+`--rounds N` runs the method list N times over and pools each method's steps. One further step
+runs under torch's FlopCounterMode: the work each method does, which no noisy neighbour on a
+shared machine changes, against the floor's.
 JSON and Markdown are rewritten after every method, so a run cut short keeps what it measured.
 
     python benchmarks/train_step.py [--models tiny sd100m] [--methods floor oft ...] \\
@@ -50,6 +52,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from lightning import Callback, Trainer
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftrl.diffusion import DiffusionBase
@@ -281,6 +284,17 @@ def device_name(device: str) -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def fit(module: ControlModule, workload: Workload, settings: Settings, steps: int, callbacks=()) -> None:
+    """`steps` optimizer steps of `module` on the workload's batch, as the trainer config runs them."""
+    trainer = Trainer(
+        accelerator=ACCELERATORS[settings.device], devices=1, precision=PRECISIONS[settings.precision],
+        max_steps=steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+    )
+    # batch_size=None: the loader hands over the ready batch as it is, `steps` times.
+    trainer.fit(module, train_dataloaders=DataLoader([random_batch(workload)] * steps, batch_size=None))
+
+
 def measure(workload: Workload, method_name: str, settings: Settings) -> dict:
     """Fit `method_name` on `workload` for warm-up + repeated steps in this process."""
     torch.set_num_threads(settings.threads)
@@ -293,15 +307,11 @@ def measure(workload: Workload, method_name: str, settings: Settings) -> dict:
             unet_parameters = sum(p.numel() for p in base.unet.parameters())
             method = METHODS[method_name](base.unet)
             module = ControlModule(base, method, workload.gradient_checkpointing)
-        steps = settings.warmup + settings.repeats
-        trainer = Trainer(
-            accelerator=ACCELERATORS[settings.device], devices=1, precision=PRECISIONS[settings.precision],
-            max_steps=steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
-        )
-        # batch_size=None: the loader hands over the ready batch as it is, `steps` times.
-        trainer.fit(module, train_dataloaders=DataLoader([random_batch(workload)] * steps, batch_size=None))
+        fit(module, workload, settings, settings.warmup + settings.repeats, callbacks=[timer])
     times = timer.times[settings.warmup:]
+    # One more step, untimed and after the memory peak: the dispatch mode slows every op.
+    with FlopCounterMode(display=False) as flop_counter:
+        fit(module, workload, settings, 1)
     return {
         "method": method_name,
         "trainable_parameters": module.num_trainable_parameters,
@@ -310,6 +320,7 @@ def measure(workload: Workload, method_name: str, settings: Settings) -> dict:
         **({"lora_rank": method.r} if isinstance(method, LoRAMethod) else {}),
         "median_s": statistics.median(times),
         "step_times_s": times,
+        "flops": flop_counter.get_total_flops(),
         "peak_memory_bytes": memory.bytes,
         "device_name": device_name(settings.device),
         "threads": torch.get_num_threads(),
@@ -353,10 +364,11 @@ QUANTITY_NAMES = {"median_s": "time", "peak_memory_bytes": "memory"}
 
 
 def add_ratios(results: list[dict]) -> None:
-    """Each method's time and memory over the floor's of the same run (None without a floor)."""
+    """Each method's time, work and memory over the floor's of the same run (None without a floor)."""
     floor = next((r for r in results if r["method"] == "floor"), None)
     for result in results:
         result["ratio_to_floor"] = result["median_s"] / floor["median_s"] if floor else None
+        result["flops_ratio_to_floor"] = result["flops"] / floor["flops"] if floor else None
         result["memory_ratio_to_floor"] = (
             result["peak_memory_bytes"] / floor["peak_memory_bytes"] if floor and floor["peak_memory_bytes"] else None
         )
@@ -435,10 +447,11 @@ def check_cells(entry: dict) -> dict[str, str]:
 
 def result_row(r: dict, check: str) -> str:
     if "error" in r:
-        return f"| {r['method']} | failed: {r['error'][:200]} | | | | | | |"
+        return f"| {r['method']} | failed: {r['error'][:200]} | | | | | | | | |"
     return (
         f"| {r['method']} | {r['trainable_parameters']:,} | {r['trainable_unet_parameters']:,} | {r['median_s']:.3f} "
-        f"| {ratio(r['ratio_to_floor'])} | {r['peak_memory_bytes'] / 2**20:,.0f} | {ratio(r['memory_ratio_to_floor'])} "
+        f"| {ratio(r['ratio_to_floor'])} | {r['flops'] / 1e9:,.0f} | {ratio(r['flops_ratio_to_floor'])} "
+        f"| {r['peak_memory_bytes'] / 2**20:,.0f} | {ratio(r['memory_ratio_to_floor'])} "
         f"| {check} |"
     )
 
@@ -460,9 +473,9 @@ def workload_markdown(entry: dict) -> list[str]:
         ]
     checks = check_cells(entry)
     lines += [
-        "| method | trainable | of which UNet | step (s) | × floor | peak memory (MiB) | × floor "
+        "| method | trainable | of which UNet | step (s) | × floor | GFLOP | × floor | peak memory (MiB) | × floor "
         "| check (issue target) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(result_row(r, checks.get(r["method"], "")) for r in entry["results"]),
     ]
     return lines + [""]
@@ -480,7 +493,9 @@ def to_markdown(report: dict) -> str:
         f"{report['precision']}, {report['threads']} threads on {report['cpu_count']} CPUs, load average "
         f"{load['start'][0]:.1f} at start and {load['end'][0]:.1f} at end; median of {report['repeats']} steps "
         f"after {report['warmup']} warm-up{rounds_text(report.get('rounds', 1))}. Peak memory: CUDA's max "
-        "allocated, or the resident-set peak above the interpreter's, each method in a fresh process.",
+        "allocated, or the resident-set peak above the interpreter's, each method in a fresh process. GFLOP: "
+        "one more step under torch's FlopCounterMode (matmuls, convolutions and attention, forward and "
+        "backward; not LU solves or elementwise work), the same in every round.",
         "",
     ]
     for entry in report["workloads"]:

@@ -1,13 +1,15 @@
 """OFT-wrapped layers: the frozen base layer's weight rotated on its input side, W' = W R^T.
 
-Two ways to compute the same output (see the project's OFT notes):
-- input-centric: rotate the activations block-wise, then run the frozen layer; extra cost
-  ~3*N*d*b for forward + backward.
+Three ways to compute the same output and gradients (see the project's OFT notes); N tokens,
+extra multiply-adds over the frozen layer, forward + backward:
+- input-centric: rotate the activations block-wise, then run the frozen layer; 3*N*d*b.
 - weight-centric: build W' = W R^T block-wise (out*d*b), then run the base op; backward pays
-  the full weight gradient of W' (N*d*out).
-Linear layers pick the cheaper one per call from the actual token count and the device; a
-k x k Conv2d is always weight-centric because the input-centric form would unfold its
-activations k^2 times.
+  the full weight gradient of W' (N*d*out) and out*d*b to reach R.
+- rotated weight (Linear, one adapter): the weight-centric forward with the input-centric
+  backward; out*d*b + 2*N*d*b (`blockwise.RotatedWeightLinear`).
+Linear layers pick the cheapest per call from the actual token count and the device; a
+k x k Conv2d is weight-centric, or input-centric on few tokens, because the input-centric
+form unfolds its activations k^2 times.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftrl.oft.blockwise import RotatedWeightLinear, rotate_rows, rotate_weight
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.rotation import OFTRotation, solve_blocks
 
@@ -112,38 +115,12 @@ class OFTLayer(nn.Module):
 
     # --- the maths --------------------------------------------------------------------------
 
-    @staticmethod
-    def _rotate_input(x: torch.Tensor, rotation: OFTRotation) -> torch.Tensor:
-        """x R block-wise over the last dimension (row-vector form of R^T x)."""
-        blocks = rotation.blocks().to(x.dtype)
-        shape = x.shape
-        x = x.reshape(-1, rotation.num_blocks, rotation.block_size)
-        if rotation.block_share:
-            rotated = x @ blocks[0]
-        else:
-            # A strided (r, n, b) view goes to the batched matmul as it is; einsum would copy it
-            # first (8-28 % slower, forward + backward, at SD 1.5's shapes on a CPU).
-            rotated = (x.transpose(0, 1) @ blocks).transpose(0, 1)
-        return rotated.reshape(shape)
-
-    @staticmethod
-    def _rotate_weight(weight: torch.Tensor, rotation: OFTRotation) -> torch.Tensor:
-        """W R^T for a flattened (out, d) weight, one block column at a time."""
-        blocks = rotation.blocks().to(weight.dtype)
-        out = weight.shape[0]
-        w = weight.reshape(out, rotation.num_blocks, rotation.block_size)
-        if rotation.block_share:
-            rotated = w @ blocks[0].T
-        else:
-            rotated = torch.einsum("orb,rcb->orc", w, blocks)
-        return rotated.reshape(out, -1)
-
     def _weight_with(self, rotations: list[OFTRotation], dtype: torch.dtype) -> torch.Tensor:
         """W R_1^T R_2^T ... in the base layer's shape: adapters apply in the order listed."""
         weight = self.base_layer.weight
         flat = weight.to(dtype).reshape(self.out_dim, self.in_dim)
         for rotation in rotations:
-            flat = self._rotate_weight(flat, rotation)
+            flat = rotate_weight(flat, rotation.blocks().to(dtype))
         return flat.reshape(weight.shape)
 
     def get_merged_weight(self) -> torch.Tensor:
@@ -193,19 +170,41 @@ class OFTLayer(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
 
-    # Pins the computation ("input" or "weight") for benchmarks and tests; "auto" compares the
-    # two forms' extra multiply-adds for the actual number of tokens.
+    # Pins the computation ("input", "weight", or for a Linear "rotated_weight") for benchmarks
+    # and tests; "auto" takes the form with the fewest extra multiply-adds for the actual tokens.
     computation: str = "auto"
+    # Whether the layer type has the rotated-weight form (the weight-centric forward with the
+    # input-centric backward); it is written for one adapter.
+    has_rotated_weight_form: bool = False
 
-    def _input_centric_is_cheaper(self, tokens: int, rotations: list[OFTRotation]) -> bool:
-        """Extra work of rotating inputs (3*N*d*b with backward) vs weights (N*d*out + 2*out*d*b)."""
-        if self.computation != "auto":
-            return self.computation == "input"
+    def _extra_costs(self, tokens: int, rotations: list[OFTRotation]) -> dict[str, float]:
+        """Extra multiply-adds per input feature of each form (forward, and backward if training)."""
         block_sum = sum(r.block_size for r in rotations)
-        if torch.is_grad_enabled() and any(r.weight.requires_grad for r in rotations):
-            slowdown = BLOCKWISE_SLOWDOWN.get(rotations[0].weight.device.type, 1.0)
-            return 3 * tokens * block_sum * slowdown < tokens * self.out_dim + 2 * self.out_dim * block_sum
-        return tokens < self.out_dim
+        if not self._trains(rotations):
+            return {"input": tokens * block_sum, "weight": self.out_dim * block_sum}
+        slowdown = BLOCKWISE_SLOWDOWN.get(rotations[0].weight.device.type, 1.0)
+        costs = {
+            "input": 3 * tokens * block_sum * slowdown,
+            "weight": tokens * self.out_dim + 2 * self.out_dim * block_sum,
+        }
+        if self.has_rotated_weight_form and len(rotations) == 1:
+            costs["rotated_weight"] = self.out_dim * block_sum + 2 * tokens * block_sum * slowdown
+        return costs
+
+    @staticmethod
+    def _trains(rotations: list[OFTRotation]) -> bool:
+        return torch.is_grad_enabled() and any(r.weight.requires_grad for r in rotations)
+
+    def _form(self, tokens: int, rotations: list[OFTRotation]) -> str:
+        costs = self._extra_costs(tokens, rotations)
+        if self.computation == "auto":
+            return min(costs, key=costs.get)
+        if self.computation not in costs:
+            raise ValueError(
+                f"{type(self).__name__}.computation={self.computation!r}: expected 'auto' or one of "
+                f"{sorted(costs)} for this layer and its {len(rotations)} active adapter(s)"
+            )
+        return self.computation
 
     def _live_rotations(self) -> list[OFTRotation]:
         """Rotations to apply in this forward (none when disabled, merged, or dropped)."""
@@ -222,18 +221,24 @@ class OFTLayer(nn.Module):
 
 
 class Linear(OFTLayer):
-    """OFT around an nn.Linear; chooses input- or weight-centric computation per call."""
+    """OFT around an nn.Linear; chooses its computation per call."""
+
+    has_rotated_weight_form = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotations = self._live_rotations()
         if not rotations:
             return self.base_layer(x)
-        if self._input_centric_is_cheaper(x.numel() // self.in_dim, rotations):
+        form = self._form(x.numel() // self.in_dim, rotations)
+        if form == "input":
             for rotation in reversed(rotations):
-                x = self._rotate_input(x, rotation)
+                x = rotate_rows(x, rotation.blocks().to(x.dtype))
             return self.base_layer(x)
+        if form == "rotated_weight":
+            return RotatedWeightLinear.apply(x, rotations[0].blocks(), self.base_layer.weight, self.base_layer.bias)
         weight = self._weight_with(rotations, self.base_layer.weight.dtype)
         return F.linear(x, weight, self.base_layer.bias)
+
 
 class Conv2d(OFTLayer):
     """OFT around an nn.Conv2d of any kernel, stride, padding, dilation and groups.
@@ -270,7 +275,7 @@ class Conv2d(OFTLayer):
         tokens = x.shape[0] * height * width
         if self.computation == "auto" and tokens > self.out_dim:
             return False  # unfolded activations would outgrow the rotated weight
-        return self._input_centric_is_cheaper(tokens, rotations)
+        return self._form(tokens, rotations) == "input"
 
     def _forward_unfolded(self, x: torch.Tensor, rotations: list[OFTRotation]) -> torch.Tensor:
         conv = self.base_layer

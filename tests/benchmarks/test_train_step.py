@@ -30,6 +30,18 @@ def test_every_method_takes_a_timed_step(train_step, entry):
     assert results["floor"]["ratio_to_floor"] == 1.0 and results["floor"]["memory_ratio_to_floor"] == 1.0
 
 
+def test_every_adapter_does_more_work_than_the_floor(entry):
+    """The counted step: the floor's backward skips every weight gradient, so any method that
+    trains UNet weights, or a ControlNet copy, adds multiply-adds; full finetuning adds the most."""
+    results = by_method(entry)
+    floor = results["floor"]["flops"]
+    assert floor > 0 and results["floor"]["flops_ratio_to_floor"] == 1.0
+    for method in ("oft", "coft", "peft_oft", "peft_lora", "controlnet", "full"):
+        assert results[method]["flops"] > floor, method
+    assert results["coft"]["flops"] == results["oft"]["flops"]  # the projection is elementwise
+    assert results["full"]["flops"] > max(results[m]["flops"] for m in ("oft", "peft_lora"))
+
+
 def test_trainable_parameters_are_what_each_method_trains(entry):
     results = by_method(entry)
     floor, oft, lora, full = (results[m] for m in ("floor", "oft", "peft_lora", "full"))
@@ -71,7 +83,8 @@ def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypat
     def fake_run(workload, method, settings, isolated):
         calls.append(method)
         seconds = {"floor": 1.0, "oft": 2.0}[method] + len(calls) / 100  # later runs slower
-        return {"method": method, "median_s": seconds, "step_times_s": [seconds], "peak_memory_bytes": len(calls)}
+        return {"method": method, "median_s": seconds, "step_times_s": [seconds], "peak_memory_bytes": len(calls),
+                "flops": {"floor": 10, "oft": 11}[method]}
 
     monkeypatch.setattr(train_step, "run_method", fake_run)
     settings = train_step.Settings(rounds=3)
@@ -80,5 +93,5 @@ def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypat
     floor, oft = entry["results"]
     assert floor["step_times_s"] == [1.01, 1.03, 1.05] and floor["median_s"] == 1.03 and floor["rounds"] == 3
     assert oft["median_s"] == 2.04 and oft["peak_memory_bytes"] == 4
-    assert oft["ratio_to_floor"] == 2.04 / 1.03
+    assert oft["ratio_to_floor"] == 2.04 / 1.03 and oft["flops_ratio_to_floor"] == 1.1
     assert train_step.rounds_text(1) == "" and "each of 3 rounds" in train_step.rounds_text(3)

@@ -26,12 +26,15 @@ def test_compiled_wrapped_unet_matches_eager():
 
 
 @pytest.mark.slow
-def test_compiled_wide_blocks_match_eager():
+@pytest.mark.parametrize("computation", ["auto", "rotated_weight"])
+def test_compiled_wide_blocks_match_eager(computation):
     """Blocks wider than 64 take the CPU's inversion by halving; compiled, it gives eager's
-    output and gradients."""
+    output and gradients, also through the rotated-weight form's own backward."""
     torch.manual_seed(0)
     wrapped = OFTModel(torch.nn.Sequential(torch.nn.Linear(320, 16)), OFTConfig(target_modules=["0"], r=2))
-    rotation = next(layer for _, layer in wrapped.oft_layers()).oft_R["default"]
+    layer = next(layer for _, layer in wrapped.oft_layers())
+    layer.computation = computation
+    rotation = layer.oft_R["default"]
     with torch.no_grad():
         rotation.weight.normal_(0, 0.01)
     x = torch.randn(4, 320)

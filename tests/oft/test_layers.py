@@ -89,49 +89,122 @@ def test_rotation_acts_on_input_side():
     assert torch.allclose(layer(x), x @ merged.T + base.bias, atol=1e-6)
 
 
+LINEAR_FORMS = ("input", "weight", "rotated_weight")
+
+
+def forward_backward(layer, x, mode):
+    """Output and the gradients of every input that requires one, with `mode` pinned."""
+    layer.computation = mode
+    out = layer(x)
+    out.square().sum().backward()
+    inputs = [x, *layer.parameters()]
+    grads = [t.grad.clone() for t in inputs if t.grad is not None]
+    for t in inputs:
+        t.grad = None
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("mode", LINEAR_FORMS[1:])
 @pytest.mark.parametrize("block_share", [False, True])
-def test_input_and_weight_centric_agree(block_share):
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forms_agree_with_input_centric(mode, block_share, bias):
+    """Output, dL/dx and dL/dS of every form equal the input-centric form's (fp64)."""
     torch.manual_seed(0)
-    layer = make_layer(nn.Linear(48, 40), r=4, block_share=block_share)
+    layer = make_layer(nn.Linear(48, 40, bias=bias).requires_grad_(False), r=4, block_share=block_share).double()
     randomize(layer)
-    x = torch.randn(2, 9, 48, requires_grad=True)
-    outputs, grads = [], []
-    for mode in ("input", "weight"):
+    x = torch.randn(2, 9, 48, dtype=torch.double, requires_grad=True)
+    reference = forward_backward(layer, x, "input")
+    results = forward_backward(layer, x, mode)
+    assert len(results) == len(reference) == 3
+    for got, expected in zip(results, reference):
+        assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_rotated_weight_form_trains_a_base_left_trainable():
+    """With the base weight and bias trainable, their gradients equal autograd's through x R."""
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(24, 12), r=3).double()
+    randomize(layer)
+    x = torch.randn(5, 24, dtype=torch.double)  # no dL/dx wanted: that branch is skipped
+    reference = forward_backward(layer, x, "input")
+    results = forward_backward(layer, x, "rotated_weight")
+    assert len(results) == len(reference) == 4  # output, dS, dW, db
+    for got, expected in zip(results, reference):
+        assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_rotated_weight_form_under_bf16_autocast():
+    """Runs in autocast's dtype, returns fp32 gradients, and agrees with the input-centric form
+    to bf16 rounding."""
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(64, 32).requires_grad_(False), r=4)
+    randomize(layer, 0.05)
+    x = torch.randn(16, 64, requires_grad=True)
+    results = {}
+    for mode in ("input", "rotated_weight"):
         layer.computation = mode
-        out = layer(x)
-        out.square().sum().backward()
-        outputs.append(out.detach())
-        grads.append(layer.oft_R["default"].weight.grad.clone())
-        layer.oft_R["default"].weight.grad = None
-    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        rotation = layer.oft_R["default"]
+        assert x.grad.dtype == rotation.weight.grad.dtype == torch.float32
+        results[mode] = (out.float(), x.grad.clone(), rotation.weight.grad.clone())
+        x.grad, rotation.weight.grad = None, None
+    for got, expected in zip(results["rotated_weight"], results["input"]):
+        assert (got - expected).norm() < 0.02 * expected.norm()
 
 
-def test_auto_choice_follows_cost_model():
-    layer = make_layer(nn.Linear(64, 64), r=2)  # b = 32 > out/3: weight-centric pays less
-    rotations = list(layer.oft_R.values())
-    assert not layer._input_centric_is_cheaper(1000, rotations)  # 1000 tokens
-    layer = make_layer(nn.Linear(64, 64), r=8)  # b = 8 < out/3: input-centric pays less
-    assert layer._input_centric_is_cheaper(1000, list(layer.oft_R.values()))
+def test_a_form_the_layer_lacks_is_refused():
+    conv = make_layer(nn.Conv2d(8, 8, 1), r=2)
+    conv.computation = "rotated_weight"
+    with pytest.raises(ValueError, match="rotated_weight.*expected 'auto' or one of"):
+        conv(torch.randn(1, 8, 3, 3))
+    linear = make_layer(nn.Linear(8, 8), r=2)
+    linear.add_adapter("second", OFTConfig(r=2, init_weights=False), "layer")
+    linear.set_adapter(["default", "second"])
+    linear.computation = "rotated_weight"  # written for one adapter
+    with pytest.raises(ValueError, match="2 active adapter"):
+        linear(torch.randn(2, 8))
+    linear.computation = "input"
+    assert linear(torch.randn(2, 8)).shape == (2, 8)
+
+
+def form(layer, tokens):
+    return layer._form(tokens, list(layer.oft_R.values()))
+
+
+def test_auto_choice_follows_cost_model(monkeypatch):
+    monkeypatch.setattr("conftrl.oft.layer.BLOCKWISE_SLOWDOWN", {})  # plain multiply-add counts
+    layer = make_layer(nn.Linear(64, 16), r=2)  # b = 32 > out/2: the weight gradient is cheaper
+    assert form(layer, 1000) == "weight"
+    layer = make_layer(nn.Linear(64, 64), r=8)  # b = 8: rotating 1000 tokens' inputs costs more
+    assert form(layer, 1000) == "rotated_weight"  # than rotating the weight once (out < tokens)
+    assert form(layer, 32) == "input"  # fewer tokens than outputs
+    with torch.no_grad():  # inference: no backward to pay for
+        assert form(layer, 32) == "input"
+        assert form(layer, 1000) == "weight"
 
 
 @pytest.mark.parametrize(
-    "d, out, tokens, input_centric",
+    "d, out, tokens, expected",
     [
-        (320, 320, 2 * 64**2, False),  # measured on a CPU: weight-centric 1.2x the layer, input 1.6x
-        (320, 2560, 2 * 64**2, True),  # GEGLU projection: b/out is small
-        (1280, 1280, 2 * 16**2, True),  # few tokens: the weight gradient would dominate
+        (320, 320, 2 * 64**2, "rotated_weight"),
+        (320, 2560, 2 * 64**2, "rotated_weight"),  # GEGLU projection
+        (640, 640, 2 * 32**2, "rotated_weight"),
+        (1280, 1280, 2 * 16**2, "input"),  # fewer tokens than outputs
     ],
 )
-def test_auto_choice_on_cpu_counts_blockwise_products_slower(d, out, tokens, input_centric):
+def test_auto_choice_on_cpu_counts_blockwise_products_slower(d, out, tokens, expected):
     layer = make_layer(nn.Linear(d, out), r=4)
-    assert layer._input_centric_is_cheaper(tokens, list(layer.oft_R.values())) is input_centric
+    assert form(layer, tokens) == expected
 
 
-def test_auto_choice_elsewhere_is_the_plain_multiply_add_count(monkeypatch):
-    monkeypatch.setattr("conftrl.oft.layer.BLOCKWISE_SLOWDOWN", {})  # as for an unmeasured device type
-    layer = make_layer(nn.Linear(320, 320), r=4)
-    assert layer._input_centric_is_cheaper(2 * 64**2, list(layer.oft_R.values()))
+def test_auto_choice_for_several_adapters_is_input_or_weight():
+    layer = make_layer(nn.Linear(64, 64), r=8)
+    layer.add_adapter("second", OFTConfig(r=8), "layer")
+    layer.set_adapter(["default", "second"])
+    assert form(layer, 1000) in ("input", "weight")
 
 
 CONVS = [
@@ -264,7 +337,7 @@ def test_half_precision_base_and_autocast():
     layer = make_layer(base, r=4)
     randomize(layer)
     assert layer.oft_R["default"].weight.dtype == torch.float32
-    for mode in ("input", "weight"):
+    for mode in LINEAR_FORMS:
         layer.computation = mode
         out = layer(torch.randn(4, 32, dtype=torch.bfloat16))
         assert out.dtype == torch.bfloat16
@@ -276,9 +349,11 @@ def test_half_precision_base_and_autocast():
     assert out.dtype == torch.bfloat16
 
 
-def test_gradient_checkpointing_matches_plain_backward():
+@pytest.mark.parametrize("mode", LINEAR_FORMS)
+def test_gradient_checkpointing_matches_plain_backward(mode):
     torch.manual_seed(0)
     layer = make_layer(nn.Linear(16, 16), r=2, coft=True, eps=1e-2)
+    layer.computation = mode
     randomize(layer, 1.0)  # outside the ball: the first forward projects in place
     x = torch.randn(4, 16, requires_grad=True)
     checkpoint(layer, x, use_reentrant=False).sum().backward()
