@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import logging
 import multiprocessing
@@ -410,6 +409,17 @@ def pooled(runs: list[dict]) -> dict:
             "rounds": len(runs)}
 
 
+def round_robin(methods: list[str], rounds: int) -> Iterator[str]:
+    """The methods once per round, each round starting one method later.
+
+    In a fixed order the method run right after the floor read slowest: at 115 M, OFT 1.24x
+    the floor against COFT's 1.12x, though COFT does the same multiply-adds and more. Over
+    len(methods) rounds every method holds every place once."""
+    for round_index in range(rounds):
+        start = round_index % len(methods)
+        yield from methods[start:] + methods[:start]
+
+
 def benchmark(
     workload: Workload, methods: list[str], settings: Settings, isolated: bool = True
 ) -> Iterator[tuple[str, dict]]:
@@ -418,7 +428,7 @@ def benchmark(
     if workload.spec is not None:
         entry["spec"] = {k: v for k, v in dataclasses.asdict(workload.spec).items() if k != "words"}
     runs: dict[str, list[dict]] = {}
-    for _round, method in itertools.product(range(settings.rounds), methods):
+    for method in round_robin(methods, settings.rounds):
         runs.setdefault(method, []).append(run_method(workload, method, settings, isolated))
         entry["results"] = [pooled(method_runs) for method_runs in runs.values()]
         measured = [r for r in entry["results"] if "error" not in r]
@@ -482,7 +492,10 @@ def workload_markdown(entry: dict) -> list[str]:
 
 
 def rounds_text(rounds: int) -> str:
-    return "" if rounds == 1 else f", in each of {rounds} rounds that alternate the methods (medians pooled)"
+    return "" if rounds == 1 else (
+        f", in each of {rounds} rounds that alternate the methods, each round starting one method later "
+        "(medians pooled)"
+    )
 
 
 def to_markdown(report: dict) -> str:

@@ -77,7 +77,8 @@ def test_report_holds_a_row_and_the_applicable_targets(train_step, entry):
 
 
 def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypatch):
-    """--rounds N: the method list runs N times over; each method's steps are pooled."""
+    """--rounds N: the method list runs N times over, each round starting one method later;
+    each method's steps are pooled."""
     calls = []
 
     def fake_run(workload, method, settings, isolated):
@@ -89,9 +90,9 @@ def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypat
     monkeypatch.setattr(train_step, "run_method", fake_run)
     settings = train_step.Settings(rounds=3)
     *_, (last, entry) = train_step.benchmark(train_step.WORKLOADS["tiny"], ["floor", "oft"], settings)
-    assert calls == ["floor", "oft"] * 3 and last == "oft"
+    assert calls == ["floor", "oft", "oft", "floor", "floor", "oft"] and last == "oft"
     floor, oft = entry["results"]
-    assert floor["step_times_s"] == [1.01, 1.03, 1.05] and floor["median_s"] == 1.03 and floor["rounds"] == 3
-    assert oft["median_s"] == 2.04 and oft["peak_memory_bytes"] == 4
-    assert oft["ratio_to_floor"] == 2.04 / 1.03 and oft["flops_ratio_to_floor"] == 1.1
+    assert floor["step_times_s"] == [1.01, 1.04, 1.05] and floor["median_s"] == 1.04 and floor["rounds"] == 3
+    assert oft["step_times_s"] == [2.02, 2.03, 2.06] and oft["median_s"] == 2.03 and oft["peak_memory_bytes"] == 3
+    assert oft["ratio_to_floor"] == 2.03 / 1.04 and oft["flops_ratio_to_floor"] == 1.1
     assert train_step.rounds_text(1) == "" and "each of 3 rounds" in train_step.rounds_text(3)
