@@ -179,16 +179,17 @@ class OFTLayer(nn.Module):
 
     def _extra_costs(self, tokens: int, rotations: list[OFTRotation]) -> dict[str, float]:
         """Extra multiply-adds per input feature of each form (forward, and backward if training)."""
-        block_sum = sum(r.block_size for r in rotations)
+        block_sum, out = sum(r.block_size for r in rotations), self.out_dim
         if not self._trains(rotations):
-            return {"input": tokens * block_sum, "weight": self.out_dim * block_sum}
-        slowdown = BLOCKWISE_SLOWDOWN.get(rotations[0].weight.device.type, 1.0)
-        costs = {
-            "input": 3 * tokens * block_sum * slowdown,
-            "weight": tokens * self.out_dim + 2 * self.out_dim * block_sum,
-        }
+            # Forwards only; the rotated-weight form's is the weight-centric one.
+            costs = {"input": tokens * block_sum, "weight": out * block_sum}
+            rotated_weight = out * block_sum
+        else:
+            slowdown = BLOCKWISE_SLOWDOWN.get(rotations[0].weight.device.type, 1.0)
+            costs = {"input": 3 * tokens * block_sum * slowdown, "weight": tokens * out + 2 * out * block_sum}
+            rotated_weight = out * block_sum + 2 * tokens * block_sum * slowdown
         if self.has_rotated_weight_form and len(rotations) == 1:
-            costs["rotated_weight"] = self.out_dim * block_sum + 2 * tokens * block_sum * slowdown
+            costs["rotated_weight"] = rotated_weight
         return costs
 
     @staticmethod

@@ -170,6 +170,19 @@ def test_a_form_the_layer_lacks_is_refused():
     assert linear(torch.randn(2, 8)).shape == (2, 8)
 
 
+def test_rotated_weight_form_serves_inference():
+    """Pinned, it also runs without gradients (its forward is the weight-centric one)."""
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(16, 8), r=2)
+    randomize(layer)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer.computation = "input"
+        expected = layer(x)
+        layer.computation = "rotated_weight"
+        assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
 def form(layer, tokens):
     return layer._form(tokens, list(layer.oft_R.values()))
 
