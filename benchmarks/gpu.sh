@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The train-step benchmark on a GPU machine without network: SD 1.5 at 512 px under bf16
-# autocast, then the 100 M-parameter SD-shaped UNet. About 5 minutes on one H100; each run
-# has a time limit (under 8 minutes in all), and results are written after every method, so a run
-# cut short keeps what it measured.
+# The GPU measurements on a machine without network: the train-step benchmark on SD 1.5 at
+# 512 px under bf16 autocast, one OFT layer at SD 1.5's shapes under bf16 against PEFT, then the
+# train step of the 100 M-parameter SD-shaped UNet. About 5 minutes on one H100; each run has a
+# time limit (under 8 minutes in all), and results are written as they come, so a run cut short
+# keeps what it measured.
 #
 # The machine needs Python 3.12 with torch (CUDA), lightning, transformers, peft,
 # opencv-python-headless and safetensors. diffusers, Hydra and the few packages they add that
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
 RESULTS=${OUT:-outputs/benchmarks}
+mkdir -p "$RESULTS"
 
 SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
@@ -30,6 +32,8 @@ run() {  # run SECONDS NAME ARGS...
     timeout "$limit" "$PYTHON" benchmarks/train_step.py --device cuda --precision bf16 \
         --out "$RESULTS/train_step_$name.json" "$@" || echo "train_step $name ended early (status $?)"
 }
-run 290 sd15_bf16 --models sd15 --repeats 5 --warmup 2
-run 150 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
-ls -l "$RESULTS"/train_step_*
+run 270 sd15_bf16 --models sd15 --repeats 5 --warmup 2
+timeout 60 "$PYTHON" benchmarks/oft_layers.py --device cuda --dtype bf16 --repeats 11 \
+    --out "$RESULTS/oft_layers_bf16.json" > "$RESULTS/oft_layers_bf16.txt" || echo "oft_layers ended early (status $?)"
+run 130 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
+ls -l "$RESULTS"/train_step_* "$RESULTS"/oft_layers_*

@@ -2,7 +2,7 @@
 
 Compares, per shape: the frozen plain layer (gradient to its input only: the floor any adapter
 pays), conftrl OFT (exact Cayley; r = 4 on Linear, blocks of 32 on Conv2d; on Linear also with
-each of its two forms pinned, to check the automatic choice), PEFT OFT (same blocks, its
+each of its three forms pinned, to check the automatic choice), PEFT OFT (same blocks, its
 default Cayley-Neumann and its exact Cayley) and PEFT LoRA with the same number of trainable
 parameters. Prints a Markdown table and writes JSON. Times are medians of repeated runs;
 memory is what autograd keeps for the backward pass (bytes of saved tensors, measured with
