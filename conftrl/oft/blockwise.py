@@ -24,6 +24,14 @@ def rotate_rows(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return rotated.reshape(shape)
 
 
+def rotate_columns(columns: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """R^T applied to every column of (batch, d, positions), as unfold lays out conv patches."""
+    batch, d, positions = columns.shape
+    b = blocks.shape[-1]
+    stacked = columns.view(batch, d // b, b, positions)
+    return (blocks.transpose(1, 2) @ stacked).view(batch, d, positions)  # a shared block broadcasts
+
+
 def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """W R^T for a flattened (out, d) weight, one block column at a time."""
     out, d = weight.shape
