@@ -22,6 +22,7 @@ from conftrl.diffusion.objective import (
 )
 from conftrl.diffusion.sampling import sample_images
 from conftrl.methods import Method
+from conftrl.oft import checkpoint_keeping_rotations
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +50,8 @@ class ControlModule(LightningModule):
         if gradient_checkpointing:
             for model in (self.unet, *self.control.children()):
                 if getattr(model, "_supports_gradient_checkpointing", False):
-                    model.enable_gradient_checkpointing()
+                    # Plain non-reentrant checkpointing, except that OFT blocks are built once.
+                    model.enable_gradient_checkpointing(checkpoint_keeping_rotations)
         # Frozen weights never enter a checkpoint, so loading is checked by `on_load_checkpoint`.
         self.strict_loading = False
 

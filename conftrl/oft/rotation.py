@@ -14,6 +14,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from conftrl.oft.recompute import blocks_of
+
 # Batched LU (`linalg.solve`/`inv`) on CPU is unreliable for matrices wider than ~150 with more
 # than one thread (pytorch#142815: wrong pivots, garbage or hangs). `solve_blocks` (unmerge)
 # solves wider CPU blocks one at a time, which is exact.
@@ -171,9 +173,14 @@ class OFTRotation(nn.Module):
     def blocks(self) -> torch.Tensor:
         """The orthogonal blocks Q_i (n, b, b) in fp32 or the parameter's dtype.
 
-        Autocast is off here: the blocks are small next to the activations, and bf16 products
-        inside the inversion left Q orthogonal only to ~1e-3 (4 blocks of 320 on a CPU).
+        Built once per call of `checkpoint_keeping_rotations`, for its forward and its
+        recomputation alike (`conftrl.oft.recompute`).
         """
+        return blocks_of(self, self._build_blocks)
+
+    def _build_blocks(self) -> torch.Tensor:
+        """Autocast is off here: the blocks are small next to the activations, and bf16 products
+        inside the inversion left Q orthogonal only to ~1e-3 (4 blocks of 320 on a CPU)."""
         self.project_()
         with torch.autocast(self.weight.device.type, enabled=False):
             skew = self.skew()
