@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements on a machine without network: the train-step benchmark on SD 1.5 at
-# 512 px under bf16 autocast, one OFT layer at SD 1.5's shapes under bf16 against PEFT, then the
-# train step of the 100 M-parameter SD-shaped UNet. About 5 minutes on one H100; each run has a
-# time limit (under 8 minutes in all), and results are written as they come, so a run cut short
-# keeps what it measured.
+# 512 px under bf16 autocast, one OFT layer at SD 1.5's shapes under bf16 against PEFT, the
+# train step of the 100 M-parameter SD-shaped UNet, then SD 1.5's checkpointed step recomputing
+# the Cayley blocks against keeping them. About 5 minutes on one H100; each run has a time limit
+# (under 8 minutes in all), and results are written as they come, so a run cut short keeps what
+# it measured.
 #
 # The machine needs Python 3.12 with torch (CUDA), lightning, transformers, peft,
 # opencv-python-headless and safetensors. diffusers, Hydra and the few packages they add that
@@ -32,8 +33,10 @@ run() {  # run SECONDS NAME ARGS...
     timeout "$limit" "$PYTHON" benchmarks/train_step.py --device cuda --precision bf16 \
         --out "$RESULTS/train_step_$name.json" "$@" || echo "train_step $name ended early (status $?)"
 }
-run 270 sd15_bf16 --models sd15 --repeats 5 --warmup 2
+run 250 sd15_bf16 --models sd15 --repeats 5 --warmup 2
 timeout 60 "$PYTHON" benchmarks/oft_layers.py --device cuda --dtype bf16 --repeats 11 \
     --out "$RESULTS/oft_layers_bf16.json" > "$RESULTS/oft_layers_bf16.txt" || echo "oft_layers ended early (status $?)"
-run 130 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
-ls -l "$RESULTS"/train_step_* "$RESULTS"/oft_layers_*
+run 120 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
+timeout 40 "$PYTHON" benchmarks/recompute.py --model sd15 --batch 16 --device cuda --dtype bf16 --repeats 3 \
+    --modes recompute keep --out "$RESULTS/recompute_sd15_bf16.json" || echo "recompute ended early (status $?)"
+ls -l "$RESULTS"/train_step_* "$RESULTS"/oft_layers_* "$RESULTS"/recompute_*

@@ -60,3 +60,11 @@ def train_step() -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def edge_errors() -> Iterator[ModuleType]:
     yield from _benchmark_script("edge_errors")
+
+
+@pytest.fixture(scope="module")
+def recompute() -> Iterator[ModuleType]:
+    benchmarks = str(Path(__file__).parents[2] / "benchmarks")
+    sys.path.insert(0, benchmarks)  # it takes the SD-shaped UNet's sizes from train_step.py
+    yield from _benchmark_script("recompute")
+    sys.path.remove(benchmarks)
