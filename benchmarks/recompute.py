@@ -34,7 +34,11 @@ from conftrl.oft import OFTConfig, OFTModel, OFTRotation, checkpoint_keeping_rot
 from train_step import SD100M_UNET, SD_TOKENS
 
 # UNet arguments, latent size; `small` is for smoke tests.
-MODELS = {"sd100m": (SD100M_UNET, 32), "sd15": ({}, 64), "small": (dict(SD100M_UNET, block_out_channels=(32, 64, 128)), 8)}
+MODELS = {
+    "sd100m": (SD100M_UNET, 32),
+    "sd15": ({}, 64),
+    "small": (dict(SD100M_UNET, block_out_channels=(32, 64, 128)), 8),
+}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # bf16: autocast over fp32 weights
 MODES = ("off", "recompute", "keep")
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftrl import OFTConfig, OFTModel
+from conftrl.oft import checkpoint_keeping_rotations
 
 from .conftest import tiny_unet, unet_inputs
 
@@ -47,3 +48,33 @@ def test_compiled_wide_blocks_match_eager(computation):
     (eager, eager_grad), (compiled, compiled_grad) = gradients
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert torch.allclose(compiled_grad, eager_grad, atol=1e-5, rtol=1e-4)
+
+
+class _CheckpointedBlocks(torch.nn.Module):
+    """Blocks run through `checkpoint_keeping_rotations`, as diffusers runs its checkpointed blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.GELU()) for _ in range(2)
+        )
+        self.checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint_keeping_rotations(block, x) if self.checkpointing else block(x)
+        return x
+
+
+@pytest.mark.slow
+def test_compiled_checkpointing_that_keeps_the_blocks_matches_eager():
+    torch.manual_seed(0)
+    wrapped = OFTModel(_CheckpointedBlocks(), OFTConfig(target_modules=r"blocks\.\d\.0", r=1, init_weights=False))
+    x = torch.randn(8, 96)
+    gradients = []
+    for checkpointing, model in [(False, wrapped), (True, torch.compile(wrapped))]:
+        wrapped.model.checkpointing = checkpointing
+        wrapped.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in wrapped.parameters() if p.requires_grad]))
+    torch.testing.assert_close(gradients[1], gradients[0], atol=1e-5, rtol=1e-4)
