@@ -33,10 +33,10 @@ run() {  # run SECONDS NAME ARGS...
     timeout "$limit" "$PYTHON" benchmarks/train_step.py --device cuda --precision bf16 \
         --out "$RESULTS/train_step_$name.json" "$@" || echo "train_step $name ended early (status $?)"
 }
-run 250 sd15_bf16 --models sd15 --repeats 5 --warmup 2
+run 240 sd15_bf16 --models sd15 --repeats 5 --warmup 2
 timeout 60 "$PYTHON" benchmarks/oft_layers.py --device cuda --dtype bf16 --repeats 11 \
     --out "$RESULTS/oft_layers_bf16.json" > "$RESULTS/oft_layers_bf16.txt" || echo "oft_layers ended early (status $?)"
 run 120 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
-timeout 40 "$PYTHON" benchmarks/recompute.py --model sd15 --batch 16 --device cuda --dtype bf16 --repeats 3 \
+timeout 50 "$PYTHON" benchmarks/recompute.py --model sd15 --batch 16 --device cuda --dtype bf16 --repeats 3 \
     --modes recompute keep --out "$RESULTS/recompute_sd15_bf16.json" || echo "recompute ended early (status $?)"
 ls -l "$RESULTS"/train_step_* "$RESULTS"/oft_layers_* "$RESULTS"/recompute_*
