@@ -31,7 +31,7 @@ from diffusers import UNet2DConditionModel
 
 from conftrl.methods import PAPER_UNET_TARGETS
 from conftrl.oft import OFTConfig, OFTModel, OFTRotation, checkpoint_keeping_rotations
-from train_step import SD100M_UNET, SD_TOKENS
+from train_step import SD100M_UNET, SD_TOKENS, round_robin
 
 # UNet arguments, latent size; `small` is for smoke tests.
 MODELS = {
@@ -117,20 +117,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     times = {mode: [] for mode in modes}
     gradients, peaks = {}, {}
-    for round_index in range(args.repeats + 1):  # round 0 warms up
-        for offset in range(len(modes)):
-            mode = modes[(round_index + offset) % len(modes)]
-            set_mode(unet, mode)
+    for position, mode in enumerate(round_robin(modes, args.repeats + 1)):  # round 0 warms up
+        round_index = position // len(modes)
+        set_mode(unet, mode)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = step(wrapped, inputs, dtype, args.device)
+        if round_index:
+            times[mode].append(seconds)
+        else:
+            gradients[mode] = torch.cat([r.weight.grad.flatten() for r in rotations])
             if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds = step(wrapped, inputs, dtype, args.device)
-            if round_index:
-                times[mode].append(seconds)
-            else:
-                gradients[mode] = torch.cat([r.weight.grad.flatten() for r in rotations])
-                if args.device == "cuda":
-                    peaks[mode] = torch.cuda.max_memory_allocated() / 2**20
-            print(f"round {round_index} {mode:9s} {seconds:.3f} s", flush=True)
+                peaks[mode] = torch.cuda.max_memory_allocated() / 2**20
+        print(f"round {round_index} {mode:9s} {seconds:.3f} s", flush=True)
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
     difference = float((gradients["keep"] - gradients["recompute"]).abs().max())

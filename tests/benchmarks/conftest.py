@@ -37,14 +37,19 @@ def fast_overrides(tiny_base) -> list[str]:
 
 def _benchmark_script(name: str) -> Iterator[ModuleType]:
     """benchmarks/<name>.py as a module (benchmarks/ is no package), registered in sys.modules
-    while in use so that its dataclasses resolve."""
-    path = Path(__file__).parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    while in use so that its dataclasses resolve, with benchmarks/ on the import path as when the
+    script runs (one script may import another)."""
+    folder = Path(__file__).parents[2] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(folder))
+        del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,4 @@ def edge_errors() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def recompute() -> Iterator[ModuleType]:
-    benchmarks = str(Path(__file__).parents[2] / "benchmarks")
-    sys.path.insert(0, benchmarks)  # it takes the SD-shaped UNet's sizes from train_step.py
     yield from _benchmark_script("recompute")
-    sys.path.remove(benchmarks)
