@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Annotated, Literal
+
+from annotated_types import Ge
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -28,7 +31,7 @@ def _skip(trainer: Trainer) -> bool:
 class SampleGrid(Callback):
     """Each row: a validation control, then one sample per seed for its caption."""
 
-    def __init__(self, num_rows: int, seeds: list[int], sampling: dict, output_dir: str):
+    def __init__(self, num_rows: Annotated[int, Ge(1)], seeds: list[int], sampling: dict, output_dir: str):
         self.num_rows, self.seeds, self.sampling = num_rows, list(seeds), dict(sampling)
         self.output_dir = Path(output_dir)
         self.rows: dict | None = None
@@ -48,7 +51,10 @@ class SampleGrid(Callback):
 class ControlFidelity(Callback):
     """Scores samples for the first `num_images` validation controls (seed = index)."""
 
-    def __init__(self, metric: str, num_images: int, batch_size: int, sampling: dict):
+    def __init__(
+        self, metric: Literal[tuple(FIDELITY_SCORERS)], num_images: Annotated[int, Ge(1)],
+        batch_size: Annotated[int, Ge(1)], sampling: dict,
+    ):
         if metric not in FIDELITY_SCORERS:
             raise ValueError(f"unknown fidelity metric {metric!r}; choose one of {', '.join(FIDELITY_SCORERS)}")
         self.score = FIDELITY_SCORERS[metric]

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt, Lt
 
 from diffusers import UNet2DConditionModel
+from diffusers.optimization import SchedulerType
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+from conftrl.control import CONTROL_PATHS
 from conftrl.diffusion import DiffusionBase
 from conftrl.oft import OFTConfig, OFTModel
 
 PAPER_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+ControlPathName = Literal[CONTROL_PATHS]
+LearningRate = Annotated[float, Gt(0)]
+# The names diffusers.optimization.get_scheduler accepts.
+SchedulerName = Literal[tuple(kind.value for kind in SchedulerType)]
 
 
 @dataclass
@@ -27,12 +37,12 @@ class Method:
     """Trains only the control path (the ControlNet baseline uses it as is)."""
 
     name: str = "controlnet"
-    control_path: str = "controlnet"  # conv_in | multiscale | controlnet
+    control_path: ControlPathName = "controlnet"
     text_encoder: bool = False  # adapt the text encoder too
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant_with_warmup"  # any name of diffusers.optimization.get_scheduler
-    warmup_steps: int = 0
+    lr: LearningRate = 1e-5
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    lr_scheduler: SchedulerName = "constant_with_warmup"
+    warmup_steps: Annotated[int, Ge(0)] = 0
 
     def adapt(self, base: DiffusionBase) -> None:
         """Make this method's part of `base` trainable (the rest stays frozen)."""
@@ -52,7 +62,7 @@ class OFTMethod(Method):
     """OFT / COFT (conftrl.oft) on the UNet's attention and GEGLU projections."""
 
     name: str = "coft"
-    control_path: str = "conv_in"
+    control_path: ControlPathName = "conv_in"
     r: int = 4
     coft: bool = True
     eps: float = 1e-3
@@ -63,6 +73,9 @@ class OFTMethod(Method):
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(CLIP_TARGETS))
 
     wrappers: dict[str, OFTModel] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config(self.target_modules)  # OFTConfig's rules, checked before any model is loaded
 
     def config(self, targets: list[str]) -> OFTConfig:
         return OFTConfig(
@@ -93,11 +106,11 @@ class LoRAMethod(Method):
     """LoRA baseline through peft, on the same layers as OFT."""
 
     name: str = "lora"
-    control_path: str = "conv_in"
-    r: int = 16
+    control_path: ControlPathName = "conv_in"
+    r: Annotated[int, Ge(1)] = 16
     alpha: float = 16.0
-    dropout: float = 0.0
-    lr: float = 1e-4
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
+    lr: LearningRate = 1e-4
     target_modules: list[str] = field(default_factory=lambda: list(PAPER_UNET_TARGETS))
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(CLIP_TARGETS))
 
@@ -138,7 +151,7 @@ class FullMethod(Method):
     """Full finetuning baseline: every UNet weight is trained."""
 
     name: str = "full"
-    control_path: str = "conv_in"
+    control_path: ControlPathName = "conv_in"
 
     def adapt(self, base: DiffusionBase) -> None:
         for model in self.models(base).values():

@@ -20,6 +20,7 @@ from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
 from conftrl.export import export_adapter
 from conftrl.module import ControlModule
+from conftrl.schema import ConfigError, instantiate_checked, validate_train_config
 from conftrl.wandb_runs import finish_wandb_run, keep_wandb_files_in_run_dir
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,20 @@ def instantiate_all(group: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, validate and export; returns the final metrics (for sweeps and tests)."""
+    """Fit, validate and export; returns the final metrics (for sweeps and tests).
+
+    The config is checked, and every part but the base model built, before the base loads,
+    so that a mistake in the config costs seconds, not a model load."""
+    validate_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    method = instantiate_checked(cfg.method, "method")
     datamodule = instantiate(cfg.data)
-    module = ControlModule(
-        load_base(cfg.model.path), instantiate(cfg.method), cfg.model.gradient_checkpointing, cfg.seed,
-        cfg.loss.snr_gamma, cfg.loss.timesteps,
-    )
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False
+    )
+    module = ControlModule(
+        load_base(cfg.model.path), method, cfg.model.gradient_checkpointing, cfg.seed,
+        cfg.loss.snr_gamma, cfg.loss.timesteps,
     )
     keep_wandb_files_in_run_dir(trainer)
     run_info = {"trainable_parameters": module.num_trainable_parameters}
@@ -62,7 +68,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except ConfigError as error:
+        raise SystemExit(f"conftrl.train: the config cannot run:\n{error}") from None
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 

@@ -6,14 +6,18 @@ Both take the annotator object (from ``conf/control``) and the common settings o
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import lightning as L
+from annotated_types import Ge, Interval
+from pydantic import DirectoryPath
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.dataset import ControlDataset, EpochSampler, collate, seed_worker
-from datamodules.folders import FolderSource, index_folder, split_records
+from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, collate, seed_worker
+from datamodules.folders import FORMATS, FolderSource, index_folder, split_records
 from datamodules.shapesworld import ShapesWorld, WorldSpec
-from datamodules.transforms import PairedTransform
+from datamodules.transforms import CROPS, PairedTransform
 
 _STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -22,6 +26,10 @@ _STAGE_SPLITS = {
     "predict": (),
     None: ("train", "val", "test"),
 }
+
+# Constraints of the arguments, read by the config validation (conftrl.schema) as well.
+Probability = Annotated[float, Interval(ge=0, le=1)]
+Count = Annotated[int, Ge(1)]
 
 
 class ControlDataModule(L.LightningDataModule):
@@ -42,14 +50,14 @@ class ControlDataModule(L.LightningDataModule):
     def __init__(
         self,
         annotator,
-        resolution: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 0,
+        resolution: Annotated[int, Ge(8)] = 512,
+        batch_size: Count = 4,
+        num_workers: Annotated[int, Ge(0)] = 0,
         seed: int = 0,
-        proportion_empty_prompts: float = 0.0,
-        on_bad_sample: str = "error",
-        crop: str = "random",
-        flip_probability: float = 0.0,
+        proportion_empty_prompts: Probability = 0.0,
+        on_bad_sample: Literal[ON_BAD_SAMPLE] = "error",
+        crop: Literal[CROPS] = "random",
+        flip_probability: Probability = 0.0,
     ):
         super().__init__()
         self.annotator = annotator
@@ -110,17 +118,17 @@ class ShapesWorldDataModule(ControlDataModule):
     def __init__(
         self,
         annotator,
-        num_train: int = 10_000,
-        num_val: int = 256,
-        num_test: int = 256,
+        num_train: Count = 10_000,
+        num_val: Count = 256,
+        num_test: Annotated[int, Ge(0)] = 256,
         shapes=WorldSpec.shapes,
         shape_colors=WorldSpec.shape_colors,
         background_colors=WorldSpec.background_colors,
-        min_shapes: int = WorldSpec.min_shapes,
-        max_shapes: int = WorldSpec.max_shapes,
-        min_size: float = WorldSpec.min_size,
-        max_size: float = WorldSpec.max_size,
-        min_visible: float = WorldSpec.min_visible,
+        min_shapes: Count = WorldSpec.min_shapes,
+        max_shapes: Count = WorldSpec.max_shapes,
+        min_size: Annotated[float, Interval(gt=0, le=1)] = WorldSpec.min_size,
+        max_size: Annotated[float, Interval(gt=0, le=1)] = WorldSpec.max_size,
+        min_visible: Probability = WorldSpec.min_visible,
         **common,
     ):
         super().__init__(annotator, **common, crop="center", flip_probability=0.0)
@@ -152,10 +160,10 @@ class FolderDataModule(ControlDataModule):
     def __init__(
         self,
         annotator,
-        root: str,
-        format: str = "auto",
-        val_fraction: float = 0.05,
-        test_fraction: float = 0.0,
+        root: DirectoryPath,
+        format: Literal[FORMATS] = "auto",
+        val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.05,
+        test_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.0,
         **common,
     ):
         super().__init__(annotator, **common)

@@ -26,6 +26,7 @@ from datamodules.errors import BadSampleError
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 100
+ON_BAD_SAMPLE = ("error", "skip")
 
 
 class ControlDataset(Dataset):
@@ -49,8 +50,8 @@ class ControlDataset(Dataset):
     ):
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {on_bad_sample!r}")
         self.source, self.annotator, self.transform = source, annotator, transform
         self.seed, self.train = int(seed), train
         self.proportion_empty_prompts, self.on_bad_sample = float(proportion_empty_prompts), on_bad_sample

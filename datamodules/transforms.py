@@ -17,6 +17,7 @@ import numpy as np
 from datamodules.errors import BadSampleError
 
 PIXEL_KEYS = ("image", "control", "depth", "labels")
+CROPS = ("center", "random")
 
 
 class PairedTransform:
@@ -26,9 +27,9 @@ class PairedTransform:
     sample's augmentation is seeded.
     """
 
-    def __init__(self, resolution: int, crop: Literal["center", "random"] = "center", flip_probability: float = 0.0):
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    def __init__(self, resolution: int, crop: Literal[CROPS] = "center", flip_probability: float = 0.0):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
         if not 0.0 <= flip_probability <= 1.0:
             raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
         self.resolution, self.crop, self.flip_probability = int(resolution), crop, float(flip_probability)

@@ -1,0 +1,202 @@
+"""Validation of a composed config, before any model or data is loaded.
+
+The schema of a config node with a `_target_` is the signature of the class it names: its
+annotations (types, `Literal` choices, `annotated_types` bounds such as `Ge(1)`) are checked by
+pydantic, so code and config cannot drift apart and no key needs a checker of its own. The
+few nodes without a target (`sampling`, `loss`) have pydantic models here. A mistake is
+reported as the config key, the value and what is allowed, all mistakes at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from annotated_types import Ge, Gt
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from conftrl.diffusion.objective import TIMESTEP_SAMPLINGS
+from conftrl.diffusion.sampling import SAMPLERS
+
+# diffusers' Stable Diffusion pipelines need image sides divisible by 8, whatever the VAE.
+PIPELINE_MULTIPLE = 8
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; one line per mistake, each naming its key."""
+
+
+class Sampling(BaseModel):
+    """`sampling`: how grids, fidelity metrics, generate and evaluate draw samples."""
+
+    model_config = ConfigDict(extra="forbid")
+    sampler: Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+    steps: Annotated[int, Ge(1)]
+    cfg_scale: Annotated[float, Ge(0)]
+    control_scale: float
+    guide_control: bool
+
+
+class Loss(BaseModel):
+    """`loss`: the denoising objective's weighting and timestep distribution."""
+
+    model_config = ConfigDict(extra="forbid")
+    snr_gamma: Optional[Annotated[float, Gt(0)]]
+    timesteps: Literal[tuple(TIMESTEP_SAMPLINGS)]  # type: ignore[valid-type]
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` listing every mistake of the training config `cfg`."""
+    errors = [f"{key}: missing value (set it on the command line: {key}=...)" for key in _missing_keys(cfg)]
+    if errors:  # a missing value cannot be resolved, so nothing else can be checked
+        raise ConfigError("\n".join(errors))
+    errors += _model_errors(Sampling, cfg.sampling, "sampling")
+    errors += _model_errors(Loss, cfg.loss, "loss")
+    for key, node in _target_nodes(cfg):
+        errors += _target_errors(node, key)
+    errors += _model_path_errors(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def instantiate_checked(node: DictConfig, key: str) -> Any:
+    """`instantiate(node)`, with the object's own checks (e.g. `OFTConfig`'s rules) reported
+    as mistakes of the config key `key`."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"{key}: {cause}") from error
+
+
+def _missing_keys(cfg: DictConfig) -> list[str]:
+    return sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+
+
+def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """The instantiated nodes: each group's, and each entry of the callbacks and loggers."""
+    for key in ("data", "control", "method", "trainer"):
+        yield key, cfg[key]
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if isinstance(node, DictConfig) and "_target_" in node:
+                yield f"{group}.{name}", node
+
+
+def _target_errors(node: DictConfig, key: str) -> list[str]:
+    values = OmegaConf.to_container(node, resolve=True)
+    target_name = values.pop("_target_")
+    values.pop("_partial_", None)
+    values.pop("_recursive_", None)
+    try:
+        target = get_object(target_name)
+    except Exception as error:  # Hydra raises ImportError or a plain Exception, depending on the path
+        return [f"{key}._target_={target_name!r}: cannot be imported ({error})"]
+    schema = _signature_schema(target, nested={name for name, value in values.items() if _has_target(value)})
+    return _model_errors(schema, values, key, accepted=_accepted_keys(schema))
+
+
+def _model_errors(schema: type[BaseModel], values: Any, key: str, accepted: str | None = None) -> list[str]:
+    if isinstance(values, (DictConfig, ListConfig)):
+        values = OmegaConf.to_container(values, resolve=True)
+    try:
+        schema.model_validate(values)
+    except ValidationError as error:
+        return [_describe(problem, key, accepted) for problem in error.errors()]
+    return []
+
+
+def _describe(problem: dict, key: str, accepted: str | None) -> str:
+    where = ".".join([key, *(str(part) for part in problem["loc"])])
+    if problem["type"] == "extra_forbidden":
+        return f"{where}: unknown key" + (f"; {key} takes {accepted}" if accepted else "")
+    if problem["type"] == "missing":
+        return f"{where}: missing value"
+    return f"{where}={problem['input']!r}: {problem['msg']}"
+
+
+def _accepted_keys(schema: type[BaseModel]) -> str | None:
+    if schema.model_config.get("extra") != "forbid":
+        return None
+    return ", ".join(schema.model_fields)
+
+
+def _has_target(value: Any) -> bool:
+    """Whether `value` holds a node Hydra instantiates (checked as a node of its own, if at all)."""
+    if isinstance(value, dict):
+        return "_target_" in value or any(_has_target(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_target(v) for v in value)
+    return False
+
+
+def _signature_schema(target: Callable, nested: set[str]) -> type[BaseModel]:
+    """A pydantic model of the keyword arguments `target` accepts, from its annotations.
+
+    A class's `**kwargs` that it passes on to its base class is followed up the MRO; an open
+    `**kwargs` at the end admits any extra key. Arguments in `nested` are instantiated from
+    nodes of their own and accept anything here.
+    """
+    parameters, open_ended = _parameters(target)
+    fields = {}
+    for name, (parameter, hint) in parameters.items():
+        default = ... if parameter.default is inspect.Parameter.empty else parameter.default
+        fields[name] = (Any if name in nested else hint, default)
+    config = ConfigDict(extra="allow" if open_ended else "forbid", arbitrary_types_allowed=True)
+    return create_model(f"{getattr(target, '__name__', 'target')}Config", __config__=config, **fields)
+
+
+def _parameters(target: Callable) -> tuple[dict[str, tuple[inspect.Parameter, Any]], bool]:
+    """Every keyword argument of `target` with its annotation; and whether any key goes."""
+    functions = [target]
+    if inspect.isclass(target):
+        functions = [klass.__init__ for klass in target.__mro__ if "__init__" in vars(klass)]
+    parameters: dict[str, tuple[inspect.Parameter, Any]] = {}
+    for function in functions:
+        hints = _hints(function, target)
+        signature = inspect.signature(function)
+        for parameter in signature.parameters.values():
+            if parameter.name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            parameters.setdefault(parameter.name, (parameter, hints.get(parameter.name, Any)))
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return parameters, False
+    return parameters, True
+
+
+def _hints(function: Callable, owner: Callable) -> dict[str, Any]:
+    """Resolved annotations; a dataclass's generated `__init__` takes them from its fields."""
+    try:
+        if dataclasses.is_dataclass(owner) and function is owner.__init__:
+            return typing.get_type_hints(owner, include_extras=True)
+        return typing.get_type_hints(function, include_extras=True)
+    except (NameError, TypeError):  # an annotation that does not resolve here checks nothing
+        return {}
+
+
+def _model_path_errors(cfg: DictConfig) -> list[str]:
+    """`model.path` must exist, and `data.resolution` must suit its VAE and the pipelines."""
+    path = Path(str(cfg.model.path))
+    if not path.exists():
+        return [f"model.path={str(path)!r}: no such folder or file"]
+    multiple = PIPELINE_MULTIPLE
+    vae_config = path / "vae" / "config.json"
+    if vae_config.is_file():
+        vae_factor = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0])) - 1)
+        multiple = math.lcm(multiple, vae_factor)
+    resolution = cfg.data.get("resolution")
+    if isinstance(resolution, int) and resolution % multiple:
+        return [
+            f"data.resolution={resolution}: must be a multiple of {multiple} (the VAE's downsampling and "
+            f"the pipelines' multiple of {PIPELINE_MULTIPLE}), e.g. {max(multiple, resolution // multiple * multiple)}"
+        ]
+    return []

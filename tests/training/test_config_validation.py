@@ -1,0 +1,94 @@
+"""A wrong config fails when it is composed, naming key, value and what is allowed, before any
+model or data is loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftrl import train as train_command
+from conftrl.config import config_dir
+from conftrl.schema import ConfigError, validate_train_config
+from conftrl.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+
+# (overrides, what the message must say): one case per kind of mistake.
+MISTAKES = {
+    "wrong type": (["method.r=abc"], ["method.r='abc'", "valid integer"]),
+    "wrong type, float": (["method.lr=fast"], ["method.lr='fast'", "valid number"]),
+    "out of range": (["method.lr=-1"], ["method.lr=-1", "greater than 0"]),
+    "probability": (["data.proportion_empty_prompts=1.5"], ["data.proportion_empty_prompts=1.5", "less than or equal to 1"]),
+    "resolution": (["data.resolution=60"], ["data.resolution=60", "multiple of 8"]),
+    "resolution and the VAE": (["data.resolution=36"], ["data.resolution=36", "multiple of 8"]),
+    "OFT's own rule": (["method.eps=0"], ["method:", "eps"]),
+    "sampler": (["sampling.sampler=ddm"], ["sampling.sampler='ddm'", "'ddim' or 'unipc'"]),
+    "timesteps": (["loss.timesteps=cubicc"], ["loss.timesteps='cubicc'", "'uniform' or 'cubic'"]),
+    "control path": (["method.control_path=conv"], ["method.control_path='conv'", "'conv_in', 'multiscale' or 'controlnet'"]),
+    "metric": (["callbacks.control_fidelity.metric=f1"], ["callbacks.control_fidelity.metric='f1'", "'edge_f1'"]),
+    "scheduler": (["method.lr_scheduler=cosin"], ["method.lr_scheduler='cosin'", "'cosine'"]),
+    "a key the method does not take": (["method=full"], ["method.eps: unknown key", "lr"]),
+    "a trainer argument": (["trainer.max_steps=many"], ["trainer.max_steps='many'", "valid integer"]),
+}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading the base model fails the test: validation must stop the run before it."""
+
+    def load_base(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(train_command, "load_base", load_base)
+
+
+@pytest.mark.parametrize("overrides, expected", MISTAKES.values(), ids=MISTAKES.keys())
+def test_a_mistake_is_reported_by_key_before_the_model_loads(make_config, no_model_loads, overrides, expected):
+    cfg = make_config("experiment=canny_coft", *overrides)
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_every_mistake_is_reported_at_once(make_config, no_model_loads):
+    cfg = make_config("experiment=canny_coft", "method.r=abc", "sampling.sampler=ddm", "data.resolution=60")
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    assert len(str(error.value).splitlines()) == 3
+
+
+def test_a_missing_model_path_is_named(compose_train, tmp_path, no_model_loads):
+    with pytest.raises(ConfigError, match=r"model.path: missing value"):
+        train(compose_train(["model=sd15"], tmp_path))
+
+
+def test_a_data_folder_that_is_not_there_is_named(compose_train, tmp_path, no_model_loads):
+    with pytest.raises(ConfigError, match=r"data.root='/no/such/folder': Path does not point to a directory"):
+        train(compose_train(["data=folder", "data.root=/no/such/folder"], tmp_path))
+
+
+def test_every_shipped_experiment_and_option_is_valid(compose_train, tmp_path):
+    """The checks reject no config the project ships."""
+    for experiment in EXPERIMENTS:
+        validate_train_config(compose_train([f"experiment={experiment}"], tmp_path))
+    for overrides in (["trainer=cpu_long"], ["trainer=ddp"], ["trainer=gpu"], ["callbacks=[default,ema]"], ["debug=quick"]):
+        validate_train_config(compose_train(["experiment=canny_coft", *overrides], tmp_path))
+
+
+def test_the_command_prints_the_mistake_without_a_traceback(tmp_path):
+    """As a user types it: exit status 1, the key and value on stderr, no traceback, quickly."""
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "conftrl.train", "experiment=canny_coft", "method.r=abc"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert "method.r='abc': Input should be a valid integer" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("outputs/*/runs/*/checkpoints/*"))
+    assert time.time() - started < 60  # imports included; the check itself takes well under a second
