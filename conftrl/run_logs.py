@@ -1,9 +1,43 @@
-"""Reading back what a run logged to its CSV files (W&B holds the same numbers)."""
+"""A run's CSV log: writing it from several processes, and reading it back (W&B holds the
+same numbers)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger`, whose metrics file may be continued by another process.
+
+    Under `trainer=ddp` (spawn) the final validation runs in new processes with a copy of the
+    launching process's writer, which knows no columns: Lightning's writer would then rewrite
+    the file with the new columns only and fail on the rows already there.
+    """
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return super().experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Adds columns to a metrics file another process of the same run began, never deletes it."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # Lightning deletes an existing file here; each run (or resume) has its own version dir
+
+    def _record_new_keys(self) -> set[str]:
+        if not self.metrics_keys and self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+        return super()._record_new_keys()
 
 
 def logged_metrics(run_dir: str | Path) -> list[dict[str, float]]:

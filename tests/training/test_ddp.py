@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_command, wandb_records
+from conftest import FAST, run_command
+from support.wandb_files import wandb_records
 from hydra.utils import instantiate
 
 from conftrl.diffusion import load_base
