@@ -23,6 +23,7 @@ from conftrl.evaluation import energy_change, fidelity, fidelity_ceiling, first_
 from conftrl.export import INPUT_ERRORS, load_adapter
 from conftrl.fidelity import FIDELITY_SCORERS, HIGHER_IS_BETTER
 from conftrl.images import save_png
+from conftrl.schema import ConfigError, validate_sampling_overrides
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -111,8 +112,9 @@ def to_markdown(report: dict) -> str:
 @hydra.main(version_base="1.3", config_path=f"{config_dir()}/cli", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
+        validate_sampling_overrides(cfg)
         evaluate(cfg)
-    except INPUT_ERRORS as error:
+    except (ConfigError, *INPUT_ERRORS) as error:
         raise SystemExit(f"conftrl.evaluate: {error}") from None
 
 

@@ -22,6 +22,7 @@ from conftrl.control.inputs import control_from_file
 from conftrl.diffusion.sampling import SAMPLING_OPTIONS
 from conftrl.export import INPUT_ERRORS, load_adapter
 from conftrl.images import save_png, to_uint8
+from conftrl.schema import ConfigError, validate_sampling_overrides
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -47,8 +48,9 @@ def generate(cfg: DictConfig) -> list[Path]:
 @hydra.main(version_base="1.3", config_path=f"{config_dir()}/cli", config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
+        validate_sampling_overrides(cfg)
         generate(cfg)
-    except INPUT_ERRORS as error:
+    except (ConfigError, *INPUT_ERRORS) as error:
         raise SystemExit(f"conftrl.generate: {error}") from None
 
 

@@ -9,6 +9,7 @@ reported as the config key, the value and what is allowed, all mistakes at once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -16,13 +17,18 @@ import math
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal, Optional
 
+import torch
+
 from annotated_types import Ge, Gt
+from diffusers import UNet2DConditionModel
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftrl.diffusion.objective import TIMESTEP_SAMPLINGS
 from conftrl.diffusion.sampling import SAMPLERS
@@ -76,6 +82,39 @@ def instantiate_checked(node: DictConfig, key: str) -> Any:
     except InstantiationException as error:
         cause = error.__cause__ or error
         raise ConfigError(f"{key}: {cause}") from error
+
+
+def validate_sampling_overrides(cfg: DictConfig) -> None:
+    """The sampling keys a command sets (`None`: the run's own) against `Sampling`'s rules."""
+    errors = []
+    for key, field in Sampling.model_fields.items():
+        if cfg.get(key) is not None:
+            rule = TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+            try:
+                rule.validate_python(cfg[key])
+            except ValidationError as error:
+                errors += [_describe(problem, key, None) for problem in error.errors()]
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def check_method_fits(method: Any, model_path: str) -> None:
+    """Adapt a weightless copy of the base (built on the meta device from its config files) with
+    a copy of `method`, so that a setting the base's layers cannot take (an `r` that does not
+    divide a layer's width, a target that matches nothing) is reported before the weights load."""
+    folder = Path(model_path)
+    if not (folder / "unet" / "config.json").is_file():
+        return  # not a diffusers folder: the loader reports it
+    with torch.device("meta"):
+        skeleton = SimpleNamespace(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+            if getattr(method, "text_encoder", False) else None,
+        )
+        try:
+            copy.deepcopy(method).adapt(skeleton)
+        except ValueError as error:
+            raise ConfigError(f"method: {error}") from error
 
 
 def _missing_keys(cfg: DictConfig) -> list[str]:

@@ -20,7 +20,7 @@ from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
 from conftrl.export import export_adapter
 from conftrl.module import ControlModule
-from conftrl.schema import ConfigError, instantiate_checked, validate_train_config
+from conftrl.schema import ConfigError, check_method_fits, instantiate_checked, validate_train_config
 from conftrl.wandb_runs import finish_wandb_run, keep_wandb_files_in_run_dir
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     method = instantiate_checked(cfg.method, "method")
+    check_method_fits(method, cfg.model.path)
     datamodule = instantiate(cfg.data)
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False

@@ -26,6 +26,8 @@ MISTAKES = {
     "resolution": (["data.resolution=60"], ["data.resolution=60", "multiple of 8"]),
     "resolution and the VAE": (["data.resolution=36"], ["data.resolution=36", "multiple of 8"]),
     "OFT's own rule": (["method.eps=0"], ["method:", "eps"]),
+    "r that does not divide a layer": (["method.r=3"], ["method:", "r=3", "does not divide"]),
+    "a target that matches nothing": (["method.target_modules=[to_qq]"], ["method:", "to_qq"]),
     "sampler": (["sampling.sampler=ddm"], ["sampling.sampler='ddm'", "'ddim' or 'unipc'"]),
     "timesteps": (["loss.timesteps=cubicc"], ["loss.timesteps='cubicc'", "'uniform' or 'cubic'"]),
     "control path": (["method.control_path=conv"], ["method.control_path='conv'", "'conv_in', 'multiscale' or 'controlnet'"]),
@@ -92,3 +94,15 @@ def test_the_command_prints_the_mistake_without_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert not list(tmp_path.glob("outputs/*/runs/*/checkpoints/*"))
     assert time.time() - started < 60  # imports included; the check itself takes well under a second
+
+
+@pytest.mark.parametrize("command", ["conftrl.generate", "conftrl.evaluate"])
+def test_generate_and_evaluate_name_a_sampling_mistake_before_loading_the_adapter(tmp_path, command):
+    required = ["control=edges.png", "prompt=x"] if command == "conftrl.generate" else []
+    done = subprocess.run(
+        [sys.executable, "-m", command, "adapter=no/such/adapter", *required, "sampler=ddm", "steps=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert "sampler='ddm': Input should be 'ddim' or 'unipc'" in done.stderr
+    assert "steps=0: Input should be greater than or equal to 1" in done.stderr
