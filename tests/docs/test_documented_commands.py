@@ -38,6 +38,8 @@ NOT_RUN = {
     "make train": "installs, then runs `python -m conftrl.train experiment=canny_coft`, which runs here",
     "wandb sync": "uploads to W&B's servers: needs a network and an account",
     "python benchmarks/table2.py": "hours of training; tests/benchmarks/test_table2.py runs it on a tiny budget",
+    "python benchmarks/train_step.py": "builds SD-1.5-sized models; tests/benchmarks/test_train_step.py runs it on tiny ones",
+    "python benchmarks/recompute.py": "builds SD-1.5-sized models; tests/benchmarks/test_recompute.py runs it on tiny ones",
 }
 
 # The suffixes docs/training.md documents for trying a command in seconds.
@@ -51,6 +53,9 @@ QUICK = {
     ],
     "benchmarks/base_quality.py": ["--captions", "2", "--images", "4"],
     "benchmarks/data_throughput.py": ["--batches", "2"],
+    "benchmarks/edge_errors.py": ["--num-images", "2", "--batch-size", "2"],
+    "benchmarks/energy_cost.py": ["--repeats", "1", "--skip-unet"],
+    "benchmarks/oft_layers.py": ["--quick", "--repeats", "1", "--warmup", "0"],
 }
 OPTUNA_QUICK = ["hydra.sweeper.n_trials=2"]
 GPU_ON_CPU = ["trainer.accelerator=cpu"]

@@ -35,7 +35,7 @@ def test_every_encoder_experiment_uses_the_same_control_path(compose_train, tmp_
 
 def test_the_long_cpu_run_is_the_default_run_continued(compose_train, tmp_path):
     """trainer=cpu_long changes only how long the default run goes and how often it validates,
-    so its first validations repeat the default run's (the README compares the two)."""
+    so its first validations repeat the default run's (docs/results.md compares the two)."""
     default = compose_train(["experiment=canny_coft"], tmp_path)
     long = compose_train(["experiment=canny_coft", "trainer=cpu_long"], tmp_path)
     assert long.trainer.max_steps > default.trainer.max_steps
