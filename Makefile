@@ -6,14 +6,14 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 GPU_WHEELS ?= .gpu-wheels
 
-.PHONY: install train test test-fast bench gpu-wheels clean
+.PHONY: install train test test-fast demo bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the CPU wheel. Anything installed later that needs torch reuses it.
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,sweeps]"
+	$(PY) -m pip install -q -e ".[test,sweeps,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +23,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The web page of a trained adapter (the newest under outputs/ unless ARGS="adapter=<folder>").
+demo: $(STAMP)
+	$(PY) -m conftrl.demo $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -46,10 +46,16 @@ def control_from_file(path: str | Path, annotator: Annotator, resolution: int, a
 
     Raises `datamodules.BadSampleError` naming the file when it is missing or unreadable, or
     when the annotator cannot annotate it."""
+    return control_from_image(read_rgb(Path(path).expanduser()), str(path), annotator, resolution, annotate)
+
+
+def control_from_image(
+    image: np.ndarray, name: str, annotator: Annotator, resolution: int, annotate="auto"
+) -> torch.Tensor:
+    """The same for an RGB uint8 image H×W×3 already in memory; `name` identifies it in errors."""
     if annotate not in ANNOTATE_CHOICES:
         raise ValueError(f"annotate must be auto, true or false, got {annotate!r}")
-    image = read_rgb(Path(path).expanduser())
-    sample = {"image": image, "key": str(path)}
+    sample = {"image": image, "key": name}
     transform = PairedTransform(resolution, "center")
     if should_annotate(annotator, image) if annotate == "auto" else annotate:
         sample = transform(annotator.prepare(sample))

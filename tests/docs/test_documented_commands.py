@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,8 @@ WRITES = {
     "conftrl.pretrain": "outputs/pretrain/*/pretrain_record.json",
 }
 MAIN_COMMAND = ["python", "-m", "conftrl.train", "experiment=canny_coft"]
+# Commands that serve until stopped: each must print its URL and answer it.
+SERVERS = {"conftrl.demo"}
 
 COMMANDS = documented_commands()
 
@@ -178,6 +181,23 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
+def serves_a_page(argv: list[str], cwd: Path, timeout: float = 300) -> bool:
+    """Start a server command, wait for the URL it prints, fetch the page, stop the server."""
+    argv = [sys.executable, *argv[1:]]
+    server = subprocess.Popen(argv, cwd=cwd, env=user_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        for line in server.stdout:
+            if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
+                with urllib.request.urlopen(match.group(1), timeout=60) as page:
+                    return page.status == 200 and b"conftrl" in page.read()
+            assert time.time() < deadline, "no URL printed in time"
+        return False
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def as_run_here(command: Command, stand_ins: dict[str, str], cwd: Path) -> list[str]:
     """The command's words with stand-ins for a user's paths, and its quick suffix."""
     words = [stand_ins.get(word, word) for word in command.argv]
@@ -211,6 +231,9 @@ def test_documented_command_runs_as_written(command: Command, stand_ins, workdir
     cwd = workdirs(command.document)
     words = as_run_here(command, stand_ins, cwd)
     started = time.time() - 1
+    if program(words) in SERVERS and "--help" not in words:
+        assert serves_a_page(words, cwd), f"{command.id} served no page"
+        return
     done = run(words, cwd)
 
     name = program(words)
