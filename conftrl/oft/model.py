@@ -25,8 +25,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "CLIPTextModel": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "CLIPTextModelWithProjection": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
-# Module lists searched for a layer index when `layers_pattern` is not given.
-COMMON_LAYER_LISTS = ("layers", "h", "blocks", "layer", "block")
+# Module lists searched for a layer index when `layers_pattern` is not given: those of PEFT's
+# transformer models, and a diffusers UNet's down and up blocks.
+COMMON_LAYER_LISTS = ("layers", "h", "blocks", "layer", "block", "down_blocks", "up_blocks")
 
 
 def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
@@ -45,6 +46,13 @@ def pattern_value(name: str, pattern: dict[str, Any]) -> Optional[Any]:
 
 
 def layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
+    """The index after the outermost `layers_pattern` list in `name` (default: COMMON_LAYER_LISTS).
+
+    On a diffusers UNet the default is the block index users see: `down_blocks.N...` and
+    `up_blocks.N...` both have index N (`layers_pattern="up_blocks"` keeps one side), not that of
+    the `transformer_blocks` inside. `mid_block` has no index, so `layers_to_transform` never
+    selects it; target it by name instead.
+    """
     lists = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or COMMON_LAYER_LISTS)
     alternatives = "|".join(re.escape(p) for p in lists)
     match = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
@@ -87,6 +95,7 @@ class OFTModel(nn.Module):
         self.peft_config: dict[str, OFTConfig] = {}
         self.active_adapters: list[str] = []
         model.requires_grad_(False)
+        self.training = model.training  # only the flag: the model's own modules keep their modes
         self.add_adapter(adapter_name, config)
 
     def __getattr__(self, name: str) -> Any:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftrl import OFTConfig, OFTModel
 from conftrl.oft import OFTLayer
+from conftrl.oft import config as config_module
 
 from .conftest import tiny_clip, tiny_unet, unet_inputs
 
@@ -31,10 +32,33 @@ def test_seed_defaults():
     assert config.init_weights and config.target_modules is None and config.peft_type == "OFT"
     with pytest.raises(ValueError, match="exactly one of r"):
         OFTConfig(r=4, oft_block_size=8)
-    with pytest.raises(ValueError, match="alpha_pattern has no meaning"):
-        OFTConfig(alpha_pattern={"to_q": 2})
     with pytest.raises(ValueError, match="layers_to_transform"):
         OFTConfig(layers_pattern="layers")
+
+
+def test_alpha_pattern_is_accepted_as_the_seed_does_with_one_warning(stack, stack_input, monkeypatch):
+    monkeypatch.setattr(config_module, "_warned", set())
+    with pytest.warns(UserWarning, match="alpha_pattern has no effect on OFT") as caught:
+        config = OFTConfig(r=2, target_modules="all-linear", init_weights=False, alpha_pattern={"proj": 2})
+        OFTConfig(alpha_pattern={"mlp.0": 4})
+    assert len(caught) == 1 and config.alpha_pattern == {"proj": 2}
+    torch.manual_seed(0)
+    with_pattern = OFTModel(copy.deepcopy(stack), config)
+    torch.manual_seed(0)
+    without = OFTModel(copy.deepcopy(stack), OFTConfig(r=2, target_modules="all-linear", init_weights=False))
+    assert torch.equal(with_pattern(stack_input), without(stack_input))
+
+
+def test_adapters_added_to_a_model_in_eval_mode_never_drop(stack, stack_input):
+    """Module dropout is for training: an adapter loaded into an eval model must not skip."""
+    reference = OFTModel(copy.deepcopy(stack), OFTConfig(r=2, target_modules="all-linear", init_weights=False))
+    randomize(reference)
+    reference.eval()
+    expected = reference(stack_input)
+    wrapped = OFTModel(copy.deepcopy(stack).eval(), OFTConfig(r=2, target_modules="all-linear", module_dropout=0.9))
+    wrapped.load_state_dict(reference.state_dict())
+    assert all(not m.training for m in wrapped.modules())
+    assert all(torch.equal(wrapped(stack_input), expected) for _ in range(5))
 
 
 def test_target_rules(stack):
@@ -76,6 +100,21 @@ def test_layers_to_transform_and_rank_pattern():
     assert [n.split("layers.", 1)[1] for n in names] == [f"{i}.{m}" for i in (0, 2) for m in ("mlp.fc1", "self_attn.q_proj")]
     fc1, q = (wrapped.model.get_submodule(n) for n in names[:2])
     assert fc1.oft_R["default"].num_blocks == 8 and q.oft_R["default"].num_blocks == 4
+
+
+@pytest.mark.parametrize(
+    ("layers_pattern", "prefixes"),
+    [(None, ("down_blocks.0.", "up_blocks.0.")), ("up_blocks", ("up_blocks.0.",)), (["down_blocks"], ("down_blocks.0.",))],
+)
+def test_layers_to_transform_on_a_unet_selects_by_block_index(layers_pattern, prefixes):
+    """Block 0 of a UNet is down_blocks.0 and up_blocks.0 (mid_block has no index)."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1", "conv2"]
+    candidates = [n for n, _ in tiny_unet().named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    expected = sorted(n for n in candidates if n.startswith(prefixes))
+    assert any(n.startswith("mid_block.") for n in candidates) and any(n.startswith("down_blocks.1.") for n in candidates)
+    assert {n.split(".")[0] for n in expected} == {p.split(".")[0] for p in prefixes}
+    config = OFTConfig(r=4, target_modules=targets, layers_to_transform=[0], layers_pattern=layers_pattern)
+    assert adapted_names(OFTModel(tiny_unet(), config)) == expected
 
 
 def test_only_adapter_parameters_change_during_training(stack, stack_input):
@@ -189,7 +228,7 @@ def test_bad_adapter_files_are_refused(stack, tmp_path, problem):
     state = load_file(weights)
     message = {
         "missing": "Missing \\(1\\)", "extra": "unexpected \\(1\\)", "shape": "has shape", "pickle": "pickle",
-        "corrupt": "not a readable safetensors", "old_peft": "PEFT 0.7-0.13",
+        "corrupt": "not a readable safetensors", "old_peft": "Missing \\(3\\).*PEFT 0.7-0.13's format",
     }[problem]
     if problem == "missing":
         state.pop("base_model.model.proj.oft_R.weight")
