@@ -280,10 +280,21 @@ class OFTModel(nn.Module):
 
     # --- save / load ------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
-        """Write PEFT's format: adapter_config.json + adapter_model.safetensors."""
-        adapter_name = adapter_name or self.active_adapter
-        return serialization.save_adapter(self, adapter_name, Path(save_directory))
+    def save_pretrained(self, save_directory: Union[str, Path], selected_adapters: Optional[list[str]] = None) -> Path:
+        """Write each selected adapter (default: all) as adapter_config.json + adapter_model.safetensors.
+
+        PEFT's layout: the adapter named "default" in `save_directory`, every other one in
+        `save_directory/<name>`; each in the format of its rotation side (PEFT's current one, or
+        the seed's for adapters loaded from it). `load_adapter(save_directory / name, name)` reads one back.
+        """
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"selected_adapters={selected_adapters!r}: choose among {sorted(self.peft_config)}")
+        directory = Path(save_directory)
+        for name in names:
+            serialization.save_adapter(self, name, directory if name == "default" else directory / name)
+        return directory
 
     @classmethod
     def from_pretrained(

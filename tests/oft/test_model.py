@@ -165,6 +165,42 @@ def test_adapters_apply_in_order_and_merge_in_order(stack, stack_input):
     assert torch.allclose(wrapped(stack_input), only_first, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:COFT adapter 'default' has block sizes")
+def test_several_adapters_save_in_peft_layout_and_load_back(stack, stack_input, tmp_path):
+    """"default" in the folder, every other adapter in a subfolder named after it, each in its
+    own format (the seed's output-side adapter included); loading reproduces every combination."""
+    pristine = copy.deepcopy(stack)
+    wrapped = OFTModel(stack, OFTConfig(r=2, target_modules="all-linear", coft=True, eps=1e-2, modules_to_save=["head"]))
+    wrapped.add_adapter("canny", OFTConfig(r=4, target_modules=["proj", "mlp.2"]))
+    wrapped.add_adapter("seed", OFTConfig(r=2, target_modules=["proj", "mlp.0"], rotation_side="output"))
+    for name in wrapped.peft_config:
+        randomize(wrapped, adapter=name)
+    combinations = ["default", "canny", "seed", ["default", "canny", "seed"]]
+    expected = []
+    for names in combinations:
+        wrapped.set_adapter(names)
+        expected.append(wrapped(stack_input))
+
+    wrapped.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+    assert "oft_block_size" in json.loads((tmp_path / "canny" / "adapter_config.json").read_text())
+    assert "oft_block_size" not in json.loads((tmp_path / "seed" / "adapter_config.json").read_text())
+    loaded = OFTModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
+    loaded.load_adapter(tmp_path / "canny", "canny")
+    loaded.load_adapter(tmp_path / "seed", "seed")
+    for names, output in zip(combinations, expected):
+        loaded.set_adapter(names)
+        assert torch.allclose(loaded(stack_input), output, atol=1e-6), names
+
+    only = tmp_path / "only"
+    wrapped.save_pretrained(only, selected_adapters=["canny"])
+    assert sorted(p.relative_to(only).as_posix() for p in only.rglob("*.*")) == [
+        "canny/adapter_config.json", "canny/adapter_model.safetensors"
+    ]
+    with pytest.raises(ValueError, match=r"selected_adapters=\['sketch'\]: choose among \['canny', 'default', 'seed'\]"):
+        wrapped.save_pretrained(tmp_path, selected_adapters=["sketch"])
+
+
 def test_merge_and_unload_and_unload(stack, stack_input):
     reference = copy.deepcopy(stack)
     wrapped = OFTModel(copy.deepcopy(stack), OFTConfig(r=2, target_modules="all-linear"))
