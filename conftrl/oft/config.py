@@ -79,8 +79,8 @@ class OFTConfig:
     init_weights: bool = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, Any] = field(default_factory=dict)
+    rank_pattern: Optional[dict[str, int]] = field(default_factory=dict)
+    alpha_pattern: Optional[dict[str, Any]] = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
     coft: bool = False
     eps: float = 6e-5
@@ -96,6 +96,9 @@ class OFTConfig:
     rotation_side: str = "input"
 
     def __post_init__(self) -> None:
+        # The seed types both patterns Optional[dict]: None means no pattern.
+        self.rank_pattern = self.rank_pattern or {}
+        self.alpha_pattern = self.alpha_pattern or {}
         if self.peft_type != PEFT_TYPE:
             raise ValueError(f"OFTConfig.peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
         if self.r < 0 or self.oft_block_size < 0:
