@@ -135,6 +135,11 @@ class OFTConfig:
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
 
+    def wanted_layers(self) -> set[int]:
+        """`layers_to_transform` as a set of indices (it may be one int)."""
+        wanted = self.layers_to_transform
+        return {wanted} if isinstance(wanted, int) else set(wanted or ())
+
     # --- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,12 +6,14 @@ the hyperspherical energy. Each block is stored whole, a b x b matrix A (key `of
 (r or 1, b, b)), and Q = (I - S)(I + S)^-1 with S = (A - A^T) / 2. COFT rescales A itself
 into the ball ||A||_F <= eps * b^2 / sqrt(n): the same radius as conftrl's, on another norm.
 conftrl reproduces this exactly so adapters saved by the seed's PEFT load, give its outputs
-(merged and unmerged), train on, and are written back in their own format.
+(merged and unmerged), train on, and are written back in their own format; that includes
+which layers its `layers_to_transform` selects (`seed_keeps_layer`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Optional, Union
 
 import torch
 
@@ -60,3 +62,25 @@ def seed_config_values(config: OFTConfig, target_modules: Any) -> dict[str, Any]
     """adapter_config.json in the seed's format: its fields only, eps in its own (= conftrl's) units."""
     values = {key: value for key, value in config.to_dict().items() if key in SEED_CONFIG_KEYS}
     return {**values, "auto_mapping": None, "target_modules": target_modules, "inference_mode": True}
+
+
+def seed_keeps_layer(name: str, targets: Union[list[str], str], config: OFTConfig) -> bool:
+    """The seed's `layers_to_transform`, so its adapters find the layers they were saved from.
+
+    It filters only names matched as the suffix of a listed target (a regex target or an exact
+    name is kept), by the number after the last `.<list>.` in the name followed by a dot, where
+    <list> is `layers_pattern`, or any module when it is unset: on a UNet that is the
+    `transformer_blocks` or `attentions` index, not the `down_blocks` one.
+    """
+    if isinstance(targets, str) or name in targets:
+        return True
+    return _seed_layer_index(name, config.layers_pattern) in config.wanted_layers()
+
+
+def _seed_layer_index(name: str, layers_pattern: Optional[Union[list[str], str]]) -> Optional[int]:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]*"])
+    for pattern in patterns:
+        match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None

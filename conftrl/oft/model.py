@@ -17,6 +17,7 @@ from torch import nn
 from conftrl.oft import serialization
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.layer import OFTLayer, wrap
+from conftrl.oft.legacy import seed_keeps_layer
 
 # Targets used when `target_modules` is None, per architecture class name.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -57,6 +58,11 @@ def layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> O
     alternatives = "|".join(re.escape(p) for p in lists)
     match = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
     return int(match.group(1)) if match else None
+
+
+def keeps_layer(name: str, targets: Union[str, list[str]], config: OFTConfig) -> bool:
+    """Whether `layers_to_transform` keeps the target `name`."""
+    return layer_index(name, config.layers_pattern) in config.wanted_layers()
 
 
 class ModulesToSave(nn.Module):
@@ -133,9 +139,8 @@ class OFTModel(nn.Module):
         if config.exclude_modules:
             names = [n for n in names if not name_matches(n, config.exclude_modules)]
         if config.layers_to_transform is not None:
-            wanted = config.layers_to_transform
-            wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-            names = [n for n in names if layer_index(n, config.layers_pattern) in wanted]
+            keeps = seed_keeps_layer if config.rotation_side == "output" else keeps_layer
+            names = [n for n in names if keeps(n, targets, config)]
         if not names:
             sample = [n for n, m in candidates if _is_linear(m) or isinstance(m, nn.Conv2d)][:20]
             raise ValueError(

@@ -14,17 +14,16 @@ from safetensors.torch import load_file
 from conftrl import OFTConfig, OFTModel
 from conftrl.oft.legacy import SEED_CONFIG_KEYS
 
-from .fixtures.make_peft08_fixtures import CASES, TinyModel
+from .fixtures.make_peft08_fixtures import CASES, OUT, TinyModel, base_model
 
-FIXTURES = Path(__file__).parent / "fixtures" / "peft08"
+FIXTURES = OUT
 # fp32 outputs of magnitude ~1: PEFT and conftrl multiply in different orders.
 TOLERANCE = 2e-6
 
 
-def base_model() -> TinyModel:
-    model = TinyModel()
-    model.load_state_dict(load_file(FIXTURES / "base_model.safetensors"))
-    return model.eval()
+def loaded(case: str, **options) -> OFTModel:
+    model_class, _ = CASES[case]
+    return OFTModel.from_pretrained(base_model(model_class), FIXTURES / case / "adapter", **options)
 
 
 def recorded(case: str) -> dict[str, torch.Tensor]:
@@ -38,11 +37,11 @@ def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_seed_adapter_reproduces_peft_outputs_unmerged_and_merged(case):
     outputs = recorded(case)
-    wrapped = OFTModel.from_pretrained(base_model(), FIXTURES / case / "adapter")
+    wrapped = loaded(case)
     config = wrapped.peft_config["default"]
-    assert config.rotation_side == "output" and config.r == CASES[case]["r"]
+    assert config.rotation_side == "output" and config.r == CASES[case][1]["r"]
     with torch.no_grad():
-        assert torch.equal(base_model()(outputs["input"]), outputs["base"])
+        assert torch.equal(base_model(CASES[case][0])(outputs["input"]), outputs["base"])
         unmerged = wrapped(outputs["input"])
         wrapped.merge_adapter()
         merged = wrapped(outputs["input"])
@@ -62,8 +61,8 @@ def test_coft_blocks_saved_outside_the_ball_are_projected_as_the_seed_does():
     """The fixture's saved blocks lie outside the ball (the script asserts it); PEFT rescales the
     whole stored matrix A to eps * b^2 / sqrt(n), not its skew part."""
     raw = load_file(FIXTURES / "coft" / "adapter" / "adapter_model.safetensors")
-    wrapped = OFTModel.from_pretrained(base_model(), FIXTURES / "coft" / "adapter")
-    eps = CASES["coft"]["eps"]
+    wrapped = loaded("coft")
+    eps = CASES["coft"][1]["eps"]
     outside = 0
     for name, layer in wrapped.oft_layers():
         rotation = layer.oft_R["default"]
@@ -78,7 +77,7 @@ def test_coft_blocks_saved_outside_the_ball_are_projected_as_the_seed_does():
 
 def test_seed_adapter_saves_back_in_its_own_format(tmp_path):
     source = FIXTURES / "coft" / "adapter"
-    wrapped = OFTModel.from_pretrained(base_model(), source)
+    wrapped = loaded("coft")
     wrapped.save_pretrained(tmp_path)
     original_config = json.loads((source / "adapter_config.json").read_text())
     written_config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -93,14 +92,14 @@ def test_seed_adapter_saves_back_in_its_own_format(tmp_path):
         projected = tensor.flatten(1).norm(dim=1) < original[key].flatten(1).norm(dim=1)
         assert torch.equal(tensor[~projected], original[key][~projected])
     outputs = recorded("coft")
-    reloaded = OFTModel.from_pretrained(base_model(), tmp_path)
+    reloaded = OFTModel.from_pretrained(base_model(TinyModel), tmp_path)
     with torch.no_grad():
         assert max_difference(reloaded(outputs["input"]), outputs["unmerged"]) < TOLERANCE
 
 
 def test_seed_adapter_with_modules_to_save_round_trips_bit_identically(tmp_path):
     source = FIXTURES / "block_share" / "adapter"
-    wrapped = OFTModel.from_pretrained(base_model(), source)
+    wrapped = loaded("block_share")
     wrapped.save_pretrained(tmp_path)
     original, written = load_file(source / "adapter_model.safetensors"), load_file(tmp_path / "adapter_model.safetensors")
     assert original.keys() == written.keys() and "base_model.model.head.weight" in written
@@ -109,12 +108,24 @@ def test_seed_adapter_with_modules_to_save_round_trips_bit_identically(tmp_path)
 
 def test_seed_adapter_trains_on(tmp_path):
     """A seed adapter loaded as trainable gets gradients on its whole stored blocks."""
-    case = FIXTURES / "linear_conv" / "adapter"
-    wrapped = OFTModel.from_pretrained(base_model(), case, is_trainable=True)
+    wrapped = loaded("linear_conv", is_trainable=True)
     wrapped.train()
     wrapped(recorded("linear_conv")["input"]).square().mean().backward()
     gradients = [layer.oft_R["default"].weight.grad for _, layer in wrapped.oft_layers()]
     assert all(g is not None and g.abs().max() > 0 for g in gradients)
+
+
+def test_seed_layers_to_transform_selects_the_layers_the_seed_did():
+    """Without layers_pattern the seed indexes the innermost numbered list (attentions.1 here);
+    conftrl's own rule indexes the outer blocks, so the seed's adapter keeps the seed's."""
+    assert sorted(name for name, _ in loaded("layers_to_transform").oft_layers()) == [
+        "down_blocks.0.attentions.1.proj", "down_blocks.1.attentions.1.proj"
+    ]
+    model_class, options = CASES["layers_to_transform"]
+    own = OFTModel(base_model(model_class), OFTConfig(**options))
+    assert sorted(name for name, _ in own.oft_layers()) == [
+        "down_blocks.1.attentions.0.proj", "down_blocks.1.attentions.1.proj"
+    ]
 
 
 def test_output_side_rotation_is_orthogonal_and_merges_exactly():
