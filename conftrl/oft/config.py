@@ -3,8 +3,8 @@
 Fields and defaults follow PEFT's `OFTConfig` as documented for the seed release (r = number of
 blocks, default 8; eps = 6e-5), plus the later extensions `oft_block_size`,
 `use_cayley_neumann`, `num_cayley_neumann_terms` and `exclude_modules`, and `rotation_side`,
-which tells the seed PEFT's own adapters (output side) from the paper's. Validation happens here so a bad
-combination fails before any module of the model is touched.
+which tells the seed PEFT's own adapters (output side) from the paper's. Validation happens
+here so a bad combination fails before any module of the model is touched.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class OFTConfig:
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
             raise ValueError(f"num_cayley_neumann_terms must be >= 1, got {self.num_cayley_neumann_terms}")
         if self.alpha_pattern:
-            _warn_once("alpha_pattern has no effect on OFT (a rotation has no scale); it is kept only as the seed keeps it.")
+            _warn_once("alpha_pattern has no effect on OFT (a rotation has no scale); it is kept as the seed keeps it.")
         if self.rotation_side not in ROTATION_SIDES:
             raise ValueError(f"rotation_side must be one of {ROTATION_SIDES}, got {self.rotation_side!r}")
         if self.rotation_side == "output" and (self.oft_block_size or self.use_cayley_neumann):

@@ -83,6 +83,7 @@ class OFTLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.train(base_layer.training)  # wrapping a model in eval mode keeps it there
 
     # --- adapter bookkeeping ----------------------------------------------------------------
 
@@ -304,10 +305,10 @@ class Conv2d(OFTLayer):
 
 def wrap(layer: nn.Module, name: str) -> OFTLayer:
     """The OFT wrapper matching `layer`'s type."""
-    wrappers = {nn.Linear: Linear, nn.Conv2d: Conv2d}
-    wrapper = next((w for base, w in wrappers.items() if isinstance(layer, base)), None)
-    if wrapper is not None:
-        return wrapper(layer).train(layer.training)
+    if isinstance(layer, nn.Linear):
+        return Linear(layer)
+    if isinstance(layer, nn.Conv2d):
+        return Conv2d(layer)
     raise TypeError(
         f"{name}: OFT supports nn.Linear and nn.Conv2d, not {type(layer).__name__}; "
         "narrow target_modules to those layers."

@@ -73,6 +73,7 @@ class ModulesToSave(nn.Module):
         self.original_module = original
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
+        self.training = self.modules_to_save.training = original.training  # flags only: copies keep their modes
 
     def add_adapter(self, adapter_name: str) -> None:
         trainable = copy.deepcopy(self.original_module)

@@ -96,13 +96,12 @@ def save_adapter(wrapped: "OFTModel", adapter_name: str, directory: Path) -> Pat
     config = wrapped.peft_config[adapter_name]
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state(wrapped, adapter_name)
+    seed_format = config.rotation_side == "output"
+    metadata = {"format": "pt"} if seed_format else {"format": "pt", _EPS_METADATA: repr(config.eps)}
+    _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
     # Defaults resolved from the architecture are written out: PEFT has other defaults.
     targets = wrapped.resolve_targets(config)
-    if config.rotation_side == "output":
-        metadata, values = {"format": "pt"}, seed_config_values(config, targets)
-    else:
-        metadata, values = {"format": "pt", _EPS_METADATA: repr(config.eps)}, _current_config_values(wrapped, adapter_name, targets)
-    _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
+    values = seed_config_values(config, targets) if seed_format else _current_config_values(wrapped, adapter_name, targets)
     _atomic_write(directory / "adapter_config.json", lambda tmp: _write_json(tmp, values))
     return directory
 

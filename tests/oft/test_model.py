@@ -51,11 +51,12 @@ def test_alpha_pattern_is_accepted_as_the_seed_does_with_one_warning(stack, stac
 
 def test_adapters_added_to_a_model_in_eval_mode_never_drop(stack, stack_input):
     """Module dropout is for training: an adapter loaded into an eval model must not skip."""
-    reference = OFTModel(copy.deepcopy(stack), OFTConfig(r=2, target_modules="all-linear", init_weights=False))
+    options = dict(r=2, target_modules="all-linear", modules_to_save=["head"])
+    reference = OFTModel(copy.deepcopy(stack), OFTConfig(**options, init_weights=False))
     randomize(reference)
     reference.eval()
     expected = reference(stack_input)
-    wrapped = OFTModel(copy.deepcopy(stack).eval(), OFTConfig(r=2, target_modules="all-linear", module_dropout=0.9))
+    wrapped = OFTModel(copy.deepcopy(stack).eval(), OFTConfig(**options, module_dropout=0.9))
     wrapped.load_state_dict(reference.state_dict())
     assert all(not m.training for m in wrapped.modules())
     assert all(torch.equal(wrapped(stack_input), expected) for _ in range(5))
