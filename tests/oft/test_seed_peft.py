@@ -5,7 +5,6 @@ The fixtures under fixtures/peft08/ were made by fixtures/make_peft08_fixtures.p
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from safetensors.torch import load_file
 from conftrl import OFTConfig, OFTModel
 from conftrl.oft.legacy import SEED_CONFIG_KEYS
 
-from .fixtures.make_peft08_fixtures import CASES, OUT, TinyModel, base_model
+from .fixtures.make_peft08_fixtures import CASES, TinyModel, base_model
+from .fixtures.make_peft08_fixtures import OUT as FIXTURES
 
-FIXTURES = OUT
 # fp32 outputs of magnitude ~1: PEFT and conftrl multiply in different orders.
 TOLERANCE = 2e-6
 
