@@ -8,9 +8,10 @@ method part (the control path saves its own part).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional, Union
 
 from annotated_types import Ge, Gt, Lt
 
@@ -59,32 +60,48 @@ class Method:
 
 @dataclass
 class OFTMethod(Method):
-    """OFT / COFT (conftrl.oft) on the UNet's attention and GEGLU projections."""
+    """OFT / COFT (conftrl.oft) on the UNet's attention and GEGLU projections.
+
+    Every field that `OFTConfig` also has goes to the adapter's OFTConfig unchanged, which
+    checks them (once when the method is built, before any model is loaded). With
+    `text_encoder`, they apply to the text encoder too, whose targets are
+    `text_encoder_target_modules`.
+    """
 
     name: str = "coft"
     control_path: ControlPathName = "conv_in"
+    # The seed's OFTConfig fields (conftrl.oft.OFTConfig documents each).
     r: int = 4
+    module_dropout: float = 0.0
+    target_modules: Union[list[str], str] = field(default_factory=lambda: list(PAPER_UNET_TARGETS))
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: Optional[dict[str, int]] = None
+    alpha_pattern: Optional[dict[str, float]] = None
+    modules_to_save: Optional[list[str]] = None
     coft: bool = True
     eps: float = 1e-3
     block_share: bool = False
-    module_dropout: float = 0.0
+    # Later PEFT releases' fields.
+    oft_block_size: int = 0
     use_cayley_neumann: bool = False
-    target_modules: list[str] = field(default_factory=lambda: list(PAPER_UNET_TARGETS))
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(CLIP_TARGETS))
+    num_cayley_neumann_terms: int = 5
+    exclude_modules: Optional[Union[list[str], str]] = None
+    text_encoder_target_modules: Union[list[str], str] = field(default_factory=lambda: list(CLIP_TARGETS))
 
     wrappers: dict[str, OFTModel] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.config(self.target_modules)  # OFTConfig's rules, checked before any model is loaded
+        self.config(self.target_modules)  # OFTConfig's checks, before any model is loaded
 
-    def config(self, targets: list[str]) -> OFTConfig:
-        return OFTConfig(
-            r=self.r, coft=self.coft, eps=self.eps, block_share=self.block_share,
-            module_dropout=self.module_dropout, use_cayley_neumann=self.use_cayley_neumann,
-            target_modules=list(targets),
-        )
+    def config(self, targets: Union[list[str], str]) -> OFTConfig:
+        """The OFTConfig of one adapted part: the fields it shares with this method, and `targets`."""
+        shared = {f.name for f in fields(OFTConfig)} & {f.name for f in fields(self)}
+        options = {name: copy.deepcopy(getattr(self, name)) for name in shared}
+        return OFTConfig(**{**options, "target_modules": copy.deepcopy(targets)})
 
-    def _targets(self, part: str) -> list[str]:
+    def _targets(self, part: str) -> Union[list[str], str]:
         return self.target_modules if part == "unet" else self.text_encoder_target_modules
 
     def adapt(self, base: DiffusionBase) -> None:

@@ -2,8 +2,9 @@
 
 Fields and defaults follow PEFT's `OFTConfig` as documented for the seed release (r = number of
 blocks, default 8; eps = 6e-5), plus the later extensions `oft_block_size`,
-`use_cayley_neumann` and `num_cayley_neumann_terms`. Validation happens here so a bad
-combination fails before any module of the model is touched.
+`use_cayley_neumann`, `num_cayley_neumann_terms` and `exclude_modules`, and `rotation_side`,
+which tells the seed PEFT's own adapters (output side) from the paper's. Validation happens
+here so a bad combination fails before any module of the model is touched.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from typing import Any, Optional, Union
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "OFT"
+ROTATION_SIDES = ("input", "output")
 
 # Keys PEFT writes that have no effect on OFT's maths; accepted on load, never needed.
 _IGNORED_PEFT_KEYS = frozenset(
     {"auto_mapping", "peft_version", "fan_in_fan_out", "layer_replication", "runtime_config"}
 )
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)  # the caller of OFTConfig(...)
 
 
 @dataclass
@@ -41,10 +52,12 @@ class OFTConfig:
             rotations (for tests).
         layers_to_transform: only adapt modules whose layer index (the integer after
             `layers_pattern` in the name) is in this list (or equals this int).
-        layers_pattern: name of the module list holding the layers, e.g. ``"layers"``.
+        layers_pattern: name of the module list holding the layers, e.g. ``"layers"``; by
+            default PEFT's usual names or, on a diffusers UNet, ``down_blocks`` and ``up_blocks``
+            (`mid_block` has no index and is never selected; see `model.layer_index`).
         rank_pattern: per-module `r`, keyed by a regex matched against the name's suffix.
-        alpha_pattern: accepted for API compatibility only; OFT has no scaling, so a non-empty
-            value is rejected.
+        alpha_pattern: accepted as the seed accepts it, with no effect: a rotation has no
+            scale. A non-empty value warns once.
         modules_to_save: modules (besides adapted ones) that become trainable copies and are
             saved with the adapter.
         coft: constrain every block's skew matrix to a Frobenius ball (COFT).
@@ -53,6 +66,9 @@ class OFTConfig:
         use_cayley_neumann: approximate the Cayley inverse by a truncated Neumann series.
         num_cayley_neumann_terms: number of Neumann terms (5 is OFTv2's default).
         bias: only ``"none"`` is supported; OFT never changes biases.
+        rotation_side: ``"input"`` (the paper's W' = W R^T, PEFT >= 0.14's format) or
+            ``"output"`` (W' = R^T W with b = out / r, the seed's PEFT 0.7-0.13 and its format;
+            set when such an adapter is loaded, see `conftrl.oft.legacy`).
     """
 
     r: int = 8
@@ -63,8 +79,8 @@ class OFTConfig:
     init_weights: bool = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, Any] = field(default_factory=dict)
+    rank_pattern: Optional[dict[str, int]] = field(default_factory=dict)
+    alpha_pattern: Optional[dict[str, Any]] = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
     coft: bool = False
     eps: float = 6e-5
@@ -77,8 +93,12 @@ class OFTConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    rotation_side: str = "input"
 
     def __post_init__(self) -> None:
+        # The seed types both patterns Optional[dict]: None means no pattern.
+        self.rank_pattern = self.rank_pattern or {}
+        self.alpha_pattern = self.alpha_pattern or {}
         if self.peft_type != PEFT_TYPE:
             raise ValueError(f"OFTConfig.peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
         if self.r < 0 or self.oft_block_size < 0:
@@ -95,9 +115,13 @@ class OFTConfig:
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
             raise ValueError(f"num_cayley_neumann_terms must be >= 1, got {self.num_cayley_neumann_terms}")
         if self.alpha_pattern:
+            _warn_once("alpha_pattern has no effect on OFT (a rotation has no scale); it is kept as the seed keeps it.")
+        if self.rotation_side not in ROTATION_SIDES:
+            raise ValueError(f"rotation_side must be one of {ROTATION_SIDES}, got {self.rotation_side!r}")
+        if self.rotation_side == "output" and (self.oft_block_size or self.use_cayley_neumann):
             raise ValueError(
-                "alpha_pattern has no meaning for OFT: a rotation has no scale. "
-                f"Remove it (got {self.alpha_pattern})."
+                "rotation_side='output' is the OFT of PEFT 0.7-0.13, which has neither oft_block_size "
+                f"(got {self.oft_block_size}) nor the Cayley-Neumann series (got {self.use_cayley_neumann}); set r"
             )
         if self.bias != "none":
             raise ValueError(f"OFT leaves biases untouched; bias must be 'none', got {self.bias!r}")
@@ -110,6 +134,11 @@ class OFTConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+
+    def wanted_layers(self) -> set[int]:
+        """`layers_to_transform` as a set of indices (it may be one int)."""
+        wanted = self.layers_to_transform
+        return {wanted} if isinstance(wanted, int) else set(wanted or ())
 
     # --- serialisation -------------------------------------------------------------------
 
@@ -124,12 +153,8 @@ class OFTConfig:
         if peft_type != PEFT_TYPE:
             raise ValueError(f"{source}: peft_type is {peft_type!r}, expected {PEFT_TYPE!r}")
         if "oft_block_size" not in values:
-            raise ValueError(
-                f"{source}: no 'oft_block_size' key, so it was written by PEFT 0.7-0.13, whose OFT "
-                "rotates the output side of each layer (W <- R^T W, keys 'oft_r'). That adapter "
-                "changes different weights than input-side OFT and cannot be converted exactly; "
-                "retrain it with conftrl or PEFT >= 0.14."
-            )
+            # Written by PEFT 0.7-0.13 (the seed's): their OFT rotates the output side.
+            values.setdefault("rotation_side", "output")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known - _IGNORED_PEFT_KEYS
         if unknown:

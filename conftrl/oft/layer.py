@@ -9,7 +9,8 @@ extra multiply-adds over the frozen layer, forward + backward:
   backward; out*d*b + 2*N*d*b (`blockwise.RotatedWeightLinear`).
 Linear layers pick the cheapest per call from the actual token count and the device; a
 k x k Conv2d is weight-centric, or input-centric on few tokens, because the input-centric
-form unfolds its activations k^2 times.
+form unfolds its activations k^2 times. Adapters of the seed's PEFT rotate the output side
+instead (`conftrl.oft.legacy`) and always take the weight-centric form.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftrl.oft.blockwise import RotatedWeightLinear, rotate_columns, rotate_rows, rotate_weight
+from conftrl.oft.blockwise import RotatedWeightLinear, rotate_columns, rotate_rows
 from conftrl.oft.config import OFTConfig
-from conftrl.oft.rotation import OFTRotation, solve_blocks
+from conftrl.oft.legacy import OutputRotation
+from conftrl.oft.rotation import OFTRotation
 
 # How much slower a multiply-add of the input-centric form's block-wise products (inner width b,
 # reshapes between them) runs than one of a layer-sized matmul, per device type. Measured with
@@ -42,20 +44,21 @@ def input_dimension(layer: nn.Module) -> int:
     raise TypeError(f"OFT supports nn.Linear and nn.Conv2d, not {type(layer).__name__}")
 
 
-def resolve_blocks(config: OFTConfig, d: int, r: Optional[int], name: str) -> tuple[int, int]:
-    """(r, b) for a layer with input size d; refuses sizes that would crop a block."""
+def resolve_blocks(config: OFTConfig, d: int, r: Optional[int], name: str, side: str = "input") -> tuple[int, int]:
+    """(r, b) for a rotated size d (of the layer's input or output side); refuses sizes that would
+    crop a block."""
     if config.oft_block_size and r is None:
         b = config.oft_block_size
         if b > d or d % b:
             raise ValueError(
-                f"{name}: oft_block_size={b} does not divide the layer's input size d={d}; "
+                f"{name}: oft_block_size={b} does not divide the layer's {side} size d={d}; "
                 f"divisors of {d}: {_divisors(d)}"
             )
         return d // b, b
     r = r if r is not None else config.r
     if r > d or d % r:
         raise ValueError(
-            f"{name}: r={r} (number of blocks) does not divide the layer's input size d={d}; "
+            f"{name}: r={r} (number of blocks) does not divide the layer's {side} size d={d}; "
             f"choose r among {_divisors(d)} or set rank_pattern for this module"
         )
     return r, d // r
@@ -80,12 +83,15 @@ class OFTLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.train(base_layer.training)  # wrapping a model in eval mode keeps it there
 
     # --- adapter bookkeeping ----------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, config: OFTConfig, name: str, r: Optional[int] = None) -> None:
-        num_blocks, block_size = resolve_blocks(config, self.in_dim, r, name)
-        rotation = OFTRotation(
+        rotation_class = OutputRotation if config.rotation_side == "output" else OFTRotation
+        rotated_size = self.out_dim if rotation_class.side == "output" else self.in_dim
+        num_blocks, block_size = resolve_blocks(config, rotated_size, r, name, rotation_class.side)
+        rotation = rotation_class(
             num_blocks,
             block_size,
             block_share=config.block_share,
@@ -96,6 +102,7 @@ class OFTLayer(nn.Module):
             module_dropout=config.module_dropout,
         )
         rotation.reset(config.init_weights)
+        rotation.train(self.training)  # an adapter added to a model in eval mode never drops
         weight = self.base_layer.weight
         # Parameters stay fp32 whatever the base dtype: Cayley in half precision is not orthogonal.
         self.oft_R[adapter_name] = rotation.to(device=weight.device)
@@ -120,7 +127,7 @@ class OFTLayer(nn.Module):
         weight = self.base_layer.weight
         flat = weight.to(dtype).reshape(self.out_dim, self.in_dim)
         for rotation in rotations:
-            flat = rotate_weight(flat, rotation.blocks().to(dtype))
+            flat = rotation.rotate_weight(flat)
         return flat.reshape(weight.shape)
 
     def get_merged_weight(self) -> torch.Tensor:
@@ -154,17 +161,12 @@ class OFTLayer(nn.Module):
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Undo merges in reverse order by an exact solve (also exact for Neumann's near-rotations)."""
+        """Undo merges in reverse order, each by an exact solve in fp32."""
         weight = self.base_layer.weight
         with torch.no_grad():
             flat = weight.float().reshape(self.out_dim, self.in_dim)
             for name in reversed(self.merged_adapters):
-                rotation = self.oft_R[name]
-                blocks = rotation.expanded_blocks().float()
-                columns = flat.reshape(self.out_dim, rotation.num_blocks, rotation.block_size).transpose(0, 1)
-                # Each block column satisfies W'_i = W_i Q_i^T; solve for W_i.
-                restored = solve_blocks(blocks.transpose(1, 2), columns, left=False)
-                flat = restored.transpose(0, 1).reshape(self.out_dim, self.in_dim)
+                flat = self.oft_R[name].unrotate_weight(flat)
             weight.copy_(flat.reshape(weight.shape).to(weight.dtype))
         self.merged_adapters = []
 
@@ -180,6 +182,9 @@ class OFTLayer(nn.Module):
     def _extra_costs(self, tokens: int, rotations: list[OFTRotation]) -> dict[str, float]:
         """Extra multiply-adds per input feature of each form (forward, and backward if training)."""
         block_sum, out = sum(r.block_size for r in rotations), self.out_dim
+        if any(r.side == "output" for r in rotations):
+            # The seed's output-side rotation (conftrl.oft.legacy) runs as its merged weight R^T W.
+            return {"weight": out * block_sum}
         if not self._trains(rotations):
             # Forwards only; the rotated-weight form's is the weight-centric one.
             costs = {"input": tokens * block_sum, "weight": out * block_sum}

@@ -17,6 +17,7 @@ from torch import nn
 from conftrl.oft import serialization
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.layer import OFTLayer, wrap
+from conftrl.oft.legacy import seed_keeps_layer
 
 # Targets used when `target_modules` is None, per architecture class name.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -25,8 +26,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "CLIPTextModel": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "CLIPTextModelWithProjection": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
-# Module lists searched for a layer index when `layers_pattern` is not given.
-COMMON_LAYER_LISTS = ("layers", "h", "blocks", "layer", "block")
+# Module lists searched for a layer index when `layers_pattern` is not given: those of PEFT's
+# transformer models, and a diffusers UNet's down and up blocks.
+COMMON_LAYER_LISTS = ("layers", "h", "blocks", "layer", "block", "down_blocks", "up_blocks")
 
 
 def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
@@ -45,10 +47,22 @@ def pattern_value(name: str, pattern: dict[str, Any]) -> Optional[Any]:
 
 
 def layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
+    """The index after the outermost `layers_pattern` list in `name` (default: COMMON_LAYER_LISTS).
+
+    On a diffusers UNet the default is the block index users see: `down_blocks.N...` and
+    `up_blocks.N...` both have index N (`layers_pattern="up_blocks"` keeps one side), not that of
+    the `transformer_blocks` inside. `mid_block` has no index, so `layers_to_transform` never
+    selects it; target it by name instead.
+    """
     lists = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or COMMON_LAYER_LISTS)
     alternatives = "|".join(re.escape(p) for p in lists)
     match = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
     return int(match.group(1)) if match else None
+
+
+def keeps_layer(name: str, targets: Union[str, list[str]], config: OFTConfig) -> bool:
+    """Whether `layers_to_transform` keeps the target `name`."""
+    return layer_index(name, config.layers_pattern) in config.wanted_layers()
 
 
 class ModulesToSave(nn.Module):
@@ -59,6 +73,7 @@ class ModulesToSave(nn.Module):
         self.original_module = original
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
+        self.training = self.modules_to_save.training = original.training  # flags only: copies keep their modes
 
     def add_adapter(self, adapter_name: str) -> None:
         trainable = copy.deepcopy(self.original_module)
@@ -87,6 +102,7 @@ class OFTModel(nn.Module):
         self.peft_config: dict[str, OFTConfig] = {}
         self.active_adapters: list[str] = []
         model.requires_grad_(False)
+        self.training = model.training  # only the flag: the model's own modules keep their modes
         self.add_adapter(adapter_name, config)
 
     def __getattr__(self, name: str) -> Any:
@@ -124,9 +140,8 @@ class OFTModel(nn.Module):
         if config.exclude_modules:
             names = [n for n in names if not name_matches(n, config.exclude_modules)]
         if config.layers_to_transform is not None:
-            wanted = config.layers_to_transform
-            wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-            names = [n for n in names if layer_index(n, config.layers_pattern) in wanted]
+            keeps = seed_keeps_layer if config.rotation_side == "output" else keeps_layer
+            names = [n for n in names if keeps(n, targets, config)]
         if not names:
             sample = [n for n, m in candidates if _is_linear(m) or isinstance(m, nn.Conv2d)][:20]
             raise ValueError(
@@ -271,10 +286,21 @@ class OFTModel(nn.Module):
 
     # --- save / load ------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
-        """Write PEFT's format: adapter_config.json + adapter_model.safetensors."""
-        adapter_name = adapter_name or self.active_adapter
-        return serialization.save_adapter(self, adapter_name, Path(save_directory))
+    def save_pretrained(self, save_directory: Union[str, Path], selected_adapters: Optional[list[str]] = None) -> Path:
+        """Write each selected adapter (default: all) as adapter_config.json + adapter_model.safetensors.
+
+        PEFT's layout: the adapter named "default" in `save_directory`, every other one in
+        `save_directory/<name>`; each in the format of its rotation side (PEFT's current one, or
+        the seed's for adapters loaded from it). `load_adapter(save_directory / name, name)` reads one back.
+        """
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"selected_adapters={selected_adapters!r}: choose among {sorted(self.peft_config)}")
+        directory = Path(save_directory)
+        for name in names:
+            serialization.save_adapter(self, name, directory if name == "default" else directory / name)
+        return directory
 
     @classmethod
     def from_pretrained(

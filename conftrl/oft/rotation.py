@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from conftrl.oft.blockwise import rotate_weight
 from conftrl.oft.recompute import blocks_of
 
 # Batched LU (`linalg.solve`/`inv`) on CPU is unreliable for matrices wider than ~150 with more
@@ -104,7 +105,14 @@ def neumann_coefficients(terms: int) -> tuple[float, ...]:
 
 
 class OFTRotation(nn.Module):
-    """R = blockdiag(Q_1 .. Q_r) for one layer, with COFT's constraint and module dropout."""
+    """R = blockdiag(Q_1 .. Q_r) for one layer, with COFT's constraint and module dropout.
+
+    It rotates the layer's input side, W' = W R^T (`side`); its parameter is saved under
+    `saved_key` in PEFT's current format.
+    """
+
+    side = "input"
+    saved_key = "oft_R.weight"
 
     def __init__(
         self,
@@ -128,11 +136,16 @@ class OFTRotation(nn.Module):
         self.num_cayley_neumann_terms = num_cayley_neumann_terms
         self.module_dropout = module_dropout
         stored = 1 if block_share else num_blocks
-        self.weight = nn.Parameter(torch.zeros(stored, block_size * (block_size - 1) // 2))
+        self.weight = nn.Parameter(torch.zeros(stored, *self.stored_block_shape(block_size)))
         rows, cols = torch.triu_indices(block_size, block_size, 1)
         # Flat positions of the triangle in a row-major b x b block: a 1-D index_copy (and its
         # index_select backward) takes half the time of the equivalent two-index assignment.
         self.register_buffer("_upper_positions", rows * block_size + cols, persistent=False)
+
+    @staticmethod
+    def stored_block_shape(block_size: int) -> tuple[int, ...]:
+        """Shape of one stored block: the strict upper triangle of S."""
+        return (block_size * (block_size - 1) // 2,)
 
     @property
     def coft_radius(self) -> float:
@@ -157,12 +170,17 @@ class OFTRotation(nn.Module):
         if not self.coft:
             return
         radius = self.coft_radius
-        norms = self.weight.norm(dim=1, keepdim=True) * math.sqrt(2.0)
+        norms = self.block_norms()
         # The tolerance makes projection idempotent: a block already scaled onto the sphere is
         # not rescaled by rounding noise on the next use.
         outside = norms > radius * (1.0 + _COFT_TOLERANCE)
         if bool(outside.any()):
-            self.weight.mul_(torch.where(outside, radius / norms, torch.ones_like(norms)))
+            scale = torch.where(outside, radius / norms, torch.ones_like(norms))
+            self.weight.mul_(scale.view(-1, *(1,) * (self.weight.dim() - 1)))
+
+    def block_norms(self) -> torch.Tensor:
+        """The Frobenius norm COFT constrains, per stored block: ||S||_F = sqrt(2) ||u||."""
+        return self.weight.norm(dim=1) * math.sqrt(2.0)
 
     def skew(self) -> torch.Tensor:
         """The stored blocks as skew-symmetric matrices, shape (n, b, b)."""
@@ -204,6 +222,19 @@ class OFTRotation(nn.Module):
     def dropped(self) -> bool:
         """Whether this training forward skips the adapter (module dropout)."""
         return self.training and self.module_dropout > 0 and bool(torch.rand(()) < self.module_dropout)
+
+    def rotate_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W R^T for a flattened (out, d) weight, in its dtype."""
+        return rotate_weight(weight, self.blocks().to(weight.dtype))
+
+    def unrotate_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W from W R^T by an exact solve per block column (also exact for Neumann's near-rotations)."""
+        out, d = weight.shape
+        blocks = self.expanded_blocks().to(weight.dtype)
+        columns = weight.reshape(out, self.num_blocks, self.block_size).transpose(0, 1)
+        # Each block column satisfies W'_i = W_i Q_i^T; solve for W_i.
+        restored = solve_blocks(blocks.transpose(1, 2), columns, left=False)
+        return restored.transpose(0, 1).reshape(out, d)
 
     def expanded_blocks(self) -> torch.Tensor:
         """Blocks with a shared block repeated, shape (r, b, b); a view, never a dense matrix."""

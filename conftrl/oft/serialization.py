@@ -1,4 +1,4 @@
-"""Reading and writing adapters in PEFT's current OFT format (PEFT >= 0.18).
+"""Reading and writing adapters in PEFT's current OFT format (PEFT >= 0.18), and the seed's.
 
 Folder layout: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module path>.oft_R.weight` of shape (r or 1, b(b-1)/2). Two conventions
@@ -7,6 +7,9 @@ differ between conftrl and PEFT and are converted here, so outputs match in both
   rotation of -S; conftrl uses one map for both, so the stored triangle is negated.
 - COFT radius: PEFT >= 0.16 uses eps / sqrt(n), conftrl (paper, seed) eps * b^2 / sqrt(n).
   conftrl's own eps travels in the safetensors metadata, PEFT's in the config.
+Adapters of the seed's PEFT (0.7-0.13, `conftrl.oft.legacy`) are read and written in their own
+format: no `oft_block_size` in the config, keys `<module path>.oft_r` of shape (r or 1, b, b),
+eps unconverted.
 Only safetensors are read: a pickle can run arbitrary code on load.
 """
 
@@ -25,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from conftrl.oft.config import OFTConfig
+from conftrl.oft.legacy import seed_config_values
 
 if TYPE_CHECKING:
     from conftrl.oft.model import OFTModel
@@ -35,6 +39,10 @@ KEY_PREFIX = "base_model.model."
 # The PEFT release whose OFT parameterisation (and Cayley-Neumann series) conftrl reproduces.
 PEFT_FORMAT_VERSION = "0.18.0"
 _EPS_METADATA = "conftrl_eps"
+_FORMATS = {
+    "input": "PEFT >= 0.14's format (the config has oft_block_size; keys oft_R.weight)",
+    "output": "PEFT 0.7-0.13's format (the config has no oft_block_size; keys oft_r)",
+}
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -62,7 +70,7 @@ def adapter_state(wrapped: "OFTModel", adapter_name: str) -> dict[str, torch.Ten
             rotation = layer.oft_R[adapter_name]
             rotation.project_()
             weight = rotation.weight.detach() * _rotation_sign(config)
-            state[f"{KEY_PREFIX}{name}.oft_R.weight"] = weight.float().cpu().contiguous()
+            state[f"{KEY_PREFIX}{name}.{rotation.saved_key}"] = weight.float().cpu().contiguous()
     for name, saved in wrapped.saved_modules():
         if adapter_name in saved.modules_to_save:
             for key, tensor in saved.modules_to_save[adapter_name].state_dict().items():
@@ -84,20 +92,29 @@ def _peft_eps(wrapped: "OFTModel", adapter_name: str) -> float:
 
 
 def save_adapter(wrapped: "OFTModel", adapter_name: str, directory: Path) -> Path:
+    """Write the adapter in the format of its rotation side: PEFT's current one, or the seed's."""
     config = wrapped.peft_config[adapter_name]
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state(wrapped, adapter_name)
-    metadata = {"format": "pt", _EPS_METADATA: repr(config.eps)}
+    seed_format = config.rotation_side == "output"
+    metadata = {"format": "pt"} if seed_format else {"format": "pt", _EPS_METADATA: repr(config.eps)}
     _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
-    extra = {"eps": _peft_eps(wrapped, adapter_name), "peft_version": PEFT_FORMAT_VERSION, "inference_mode": True}
     # Defaults resolved from the architecture are written out: PEFT has other defaults.
-    extra["target_modules"] = wrapped.resolve_targets(config)
-    values = {**config.to_dict(), **extra}
-    if not values["rank_pattern"]:
-        del values["rank_pattern"]  # PEFT's OFT has no rank_pattern; write it only when it matters
-    del values["alpha_pattern"]
+    targets = wrapped.resolve_targets(config)
+    values = seed_config_values(config, targets) if seed_format else _current_config_values(wrapped, adapter_name, targets)
     _atomic_write(directory / "adapter_config.json", lambda tmp: _write_json(tmp, values))
     return directory
+
+
+def _current_config_values(wrapped: "OFTModel", adapter_name: str, targets: Any) -> dict[str, Any]:
+    config = wrapped.peft_config[adapter_name]
+    extra = {"eps": _peft_eps(wrapped, adapter_name), "peft_version": PEFT_FORMAT_VERSION, "inference_mode": True}
+    values = {**config.to_dict(), **extra, "target_modules": targets}
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not values[key]:
+            del values[key]  # PEFT's current OFT has neither (it ignores them); written only when set
+    del values["rotation_side"]
+    return values
 
 
 def _write_json(path: str, values: dict[str, Any]) -> None:
@@ -151,7 +168,8 @@ def load_weights(wrapped: "OFTModel", adapter_name: str, directory: Path, raw_co
         raise ValueError(
             f"{path}: keys do not match the model's adapter layers. "
             f"Missing ({len(missing)}): {missing[:5]}; unexpected ({len(extra)}): {extra[:5]}. "
-            "Was it trained on another base model or with other target_modules / r?"
+            "Was it trained on another base model or with other target_modules / r? "
+            f"(Read in {_FORMATS[config.rotation_side]}.)"
         )
     for key, tensor in saved.items():
         if tensor.shape != expected[key].shape:
@@ -162,13 +180,15 @@ def load_weights(wrapped: "OFTModel", adapter_name: str, directory: Path, raw_co
     with torch.no_grad():
         for name, layer in wrapped.oft_layers():
             if adapter_name in layer.oft_R:
-                layer.oft_R[adapter_name].weight.copy_(saved[f"{KEY_PREFIX}{name}.oft_R.weight"] * sign)
+                rotation = layer.oft_R[adapter_name]
+                rotation.weight.copy_(saved[f"{KEY_PREFIX}{name}.{rotation.saved_key}"] * sign)
         for name, module in wrapped.saved_modules():
             if adapter_name in module.modules_to_save:
                 local = {k[prefix + len(name) + 1 :]: v for k, v in saved.items() if k.startswith(f"{KEY_PREFIX}{name}.")}
                 module.modules_to_save[adapter_name].load_state_dict(local)
 
-    if config.coft and _EPS_METADATA not in _weights_metadata(directory):
+    # The seed's format keeps conftrl's eps; only PEFT's current format needs its radius adopted.
+    if config.coft and config.rotation_side == "input" and _EPS_METADATA not in _weights_metadata(directory):
         _adopt_peft_radius(wrapped, adapter_name, float(raw_config["eps"]))
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftrl import OFTConfig, OFTModel
 from conftrl.oft import OFTLayer
+from conftrl.oft import config as config_module
 
 from .conftest import tiny_clip, tiny_unet, unet_inputs
 
@@ -31,10 +32,34 @@ def test_seed_defaults():
     assert config.init_weights and config.target_modules is None and config.peft_type == "OFT"
     with pytest.raises(ValueError, match="exactly one of r"):
         OFTConfig(r=4, oft_block_size=8)
-    with pytest.raises(ValueError, match="alpha_pattern has no meaning"):
-        OFTConfig(alpha_pattern={"to_q": 2})
     with pytest.raises(ValueError, match="layers_to_transform"):
         OFTConfig(layers_pattern="layers")
+
+
+def test_alpha_pattern_is_accepted_as_the_seed_does_with_one_warning(stack, stack_input, monkeypatch):
+    monkeypatch.setattr(config_module, "_warned", set())
+    with pytest.warns(UserWarning, match="alpha_pattern has no effect on OFT") as caught:
+        config = OFTConfig(r=2, target_modules="all-linear", init_weights=False, alpha_pattern={"proj": 2})
+        OFTConfig(alpha_pattern={"mlp.0": 4})
+    assert len(caught) == 1 and config.alpha_pattern == {"proj": 2}
+    torch.manual_seed(0)
+    with_pattern = OFTModel(copy.deepcopy(stack), config)
+    torch.manual_seed(0)
+    without = OFTModel(copy.deepcopy(stack), OFTConfig(r=2, target_modules="all-linear", init_weights=False))
+    assert torch.equal(with_pattern(stack_input), without(stack_input))
+
+
+def test_adapters_added_to_a_model_in_eval_mode_never_drop(stack, stack_input):
+    """Module dropout is for training: an adapter loaded into an eval model must not skip."""
+    options = dict(r=2, target_modules="all-linear", modules_to_save=["head"])
+    reference = OFTModel(copy.deepcopy(stack), OFTConfig(**options, init_weights=False))
+    randomize(reference)
+    reference.eval()
+    expected = reference(stack_input)
+    wrapped = OFTModel(copy.deepcopy(stack).eval(), OFTConfig(**options, module_dropout=0.9))
+    wrapped.load_state_dict(reference.state_dict())
+    assert all(not m.training for m in wrapped.modules())
+    assert all(torch.equal(wrapped(stack_input), expected) for _ in range(5))
 
 
 def test_target_rules(stack):
@@ -76,6 +101,21 @@ def test_layers_to_transform_and_rank_pattern():
     assert [n.split("layers.", 1)[1] for n in names] == [f"{i}.{m}" for i in (0, 2) for m in ("mlp.fc1", "self_attn.q_proj")]
     fc1, q = (wrapped.model.get_submodule(n) for n in names[:2])
     assert fc1.oft_R["default"].num_blocks == 8 and q.oft_R["default"].num_blocks == 4
+
+
+@pytest.mark.parametrize(
+    ("layers_pattern", "prefixes"),
+    [(None, ("down_blocks.0.", "up_blocks.0.")), ("up_blocks", ("up_blocks.0.",)), (["down_blocks"], ("down_blocks.0.",))],
+)
+def test_layers_to_transform_on_a_unet_selects_by_block_index(layers_pattern, prefixes):
+    """Block 0 of a UNet is down_blocks.0 and up_blocks.0 (mid_block has no index)."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1", "conv2"]
+    candidates = [n for n, _ in tiny_unet().named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    expected = sorted(n for n in candidates if n.startswith(prefixes))
+    assert any(n.startswith("mid_block.") for n in candidates) and any(n.startswith("down_blocks.1.") for n in candidates)
+    assert {n.split(".")[0] for n in expected} == {p.split(".")[0] for p in prefixes}
+    config = OFTConfig(r=4, target_modules=targets, layers_to_transform=[0], layers_pattern=layers_pattern)
+    assert adapted_names(OFTModel(tiny_unet(), config)) == expected
 
 
 def test_only_adapter_parameters_change_during_training(stack, stack_input):
@@ -124,6 +164,42 @@ def test_adapters_apply_in_order_and_merge_in_order(stack, stack_input):
     wrapped.delete_adapter("second")
     assert wrapped.active_adapters == ["first"]
     assert torch.allclose(wrapped(stack_input), only_first, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:COFT adapter 'default' has block sizes")
+def test_several_adapters_save_in_peft_layout_and_load_back(stack, stack_input, tmp_path):
+    """"default" in the folder, every other adapter in a subfolder named after it, each in its
+    own format (the seed's output-side adapter included); loading reproduces every combination."""
+    pristine = copy.deepcopy(stack)
+    wrapped = OFTModel(stack, OFTConfig(r=2, target_modules="all-linear", coft=True, eps=1e-2, modules_to_save=["head"]))
+    wrapped.add_adapter("canny", OFTConfig(r=4, target_modules=["proj", "mlp.2"]))
+    wrapped.add_adapter("seed", OFTConfig(r=2, target_modules=["proj", "mlp.0"], rotation_side="output"))
+    for name in wrapped.peft_config:
+        randomize(wrapped, adapter=name)
+    combinations = ["default", "canny", "seed", ["default", "canny", "seed"]]
+    expected = []
+    for names in combinations:
+        wrapped.set_adapter(names)
+        expected.append(wrapped(stack_input))
+
+    wrapped.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+    assert "oft_block_size" in json.loads((tmp_path / "canny" / "adapter_config.json").read_text())
+    assert "oft_block_size" not in json.loads((tmp_path / "seed" / "adapter_config.json").read_text())
+    loaded = OFTModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
+    loaded.load_adapter(tmp_path / "canny", "canny")
+    loaded.load_adapter(tmp_path / "seed", "seed")
+    for names, output in zip(combinations, expected):
+        loaded.set_adapter(names)
+        assert torch.allclose(loaded(stack_input), output, atol=1e-6), names
+
+    only = tmp_path / "only"
+    wrapped.save_pretrained(only, selected_adapters=["canny"])
+    assert sorted(p.relative_to(only).as_posix() for p in only.rglob("*.*")) == [
+        "canny/adapter_config.json", "canny/adapter_model.safetensors"
+    ]
+    with pytest.raises(ValueError, match=r"selected_adapters=\['sketch'\]: choose among \['canny', 'default', 'seed'\]"):
+        wrapped.save_pretrained(tmp_path, selected_adapters=["sketch"])
 
 
 def test_merge_and_unload_and_unload(stack, stack_input):
@@ -189,7 +265,7 @@ def test_bad_adapter_files_are_refused(stack, tmp_path, problem):
     state = load_file(weights)
     message = {
         "missing": "Missing \\(1\\)", "extra": "unexpected \\(1\\)", "shape": "has shape", "pickle": "pickle",
-        "corrupt": "not a readable safetensors", "old_peft": "PEFT 0.7-0.13",
+        "corrupt": "not a readable safetensors", "old_peft": "Missing \\(3\\).*PEFT 0.7-0.13's format",
     }[problem]
     if problem == "missing":
         state.pop("base_model.model.proj.oft_R.weight")
