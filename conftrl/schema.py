@@ -134,8 +134,8 @@ def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
 def _target_errors(node: DictConfig, key: str) -> list[str]:
     values = OmegaConf.to_container(node, resolve=True)
     target_name = values.pop("_target_")
-    for key in ("_partial_", "_recursive_", "_convert_"):  # Hydra's own, not the target's
-        values.pop(key, None)
+    for hydra_key in ("_partial_", "_recursive_", "_convert_"):  # Hydra's own, not the target's
+        values.pop(hydra_key, None)
     try:
         target = get_object(target_name)
     except Exception as error:  # Hydra raises ImportError or a plain Exception, depending on the path
