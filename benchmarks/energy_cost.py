@@ -15,11 +15,9 @@ import time
 
 import torch
 
+from conftrl.methods import PAPER_UNET_TARGETS
 from conftrl.metrics import energy_summary, hyperspherical_energy
 from conftrl.oft import OFTConfig, OFTLayer, OFTModel
-
-# the paper's OFT targets in SD 1.5 (attention projections and the GEGLU input projection)
-PAPER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
 
 
 def best_of(fn, repeats: int) -> float:
@@ -84,7 +82,7 @@ def main() -> None:
         report["unet_groups"] = len(summaries[-1].per_group)
 
         # the per-step log of an OFT run: only the adapted layers (paper recipe, r = 4)
-        oft_model = OFTModel(unet, OFTConfig(r=4, target_modules=list(PAPER_TARGETS)))
+        oft_model = OFTModel(unet, OFTConfig(r=4, target_modules=list(PAPER_UNET_TARGETS)))
         report["unet_oft_layers"] = sum(1 for _ in oft_model.oft_layers())
         report["seconds"]["unet_oft_layers/float32"] = best_of(
             lambda: energy_summary(unet, layer_types=(OFTLayer,), dtype=torch.float32), 1

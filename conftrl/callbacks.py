@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from conftrl.evaluation import fidelity, first_items, sample_grid
-from conftrl.fidelity import FIDELITY_SCORERS
+from conftrl.fidelity import FIDELITY_SCORERS, fidelity_scorer
 from conftrl.images import save_png
 from conftrl.metrics import energy_summary, rotation_stats
 
@@ -55,9 +55,7 @@ class ControlFidelity(Callback):
         self, metric: Literal[tuple(FIDELITY_SCORERS)], num_images: Annotated[int, Ge(1)],
         batch_size: Annotated[int, Ge(1)], sampling: dict,
     ):
-        if metric not in FIDELITY_SCORERS:
-            raise ValueError(f"unknown fidelity metric {metric!r}; choose one of {', '.join(FIDELITY_SCORERS)}")
-        self.score = FIDELITY_SCORERS[metric]
+        self.score = fidelity_scorer(metric)
         self.num_images, self.batch_size, self.sampling = num_images, batch_size, dict(sampling)
         self.items: dict | None = None
 

@@ -19,6 +19,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from conftrl.commands import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
 from conftrl.control.inputs import control_from_image
 from conftrl.export import CONFIG_FILE, INPUT_ERRORS, TrainedAdapter, load_adapter
@@ -132,11 +133,9 @@ def build_page(demo: Demo, title: str):
 
 @hydra.main(version_base="1.3", config_path=f"{config_dir()}/cli", config_name="demo")
 def main(cfg: DictConfig) -> None:
-    try:
+    with mistakes_reported("conftrl.demo", DemoInputError, *INPUT_ERRORS):
         adapter_dir = Path(cfg.adapter) if cfg.adapter else newest_adapter(cfg.outputs)
         demo = Demo(load_adapter(adapter_dir, cfg.model_path), cfg.max_side)
-    except (DemoInputError, *INPUT_ERRORS) as error:
-        raise SystemExit(f"conftrl.demo: {error}") from None
     log.info("serving %s", adapter_dir)
     build_page(demo, f"conftrl: {adapter_dir}").launch(
         server_name=cfg.host, server_port=cfg.port, share=False, show_error=True

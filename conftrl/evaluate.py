@@ -16,12 +16,13 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from conftrl.commands import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_unet
 from conftrl.diffusion.sampling import SAMPLING_OPTIONS
 from conftrl.evaluation import energy_change, fidelity, fidelity_ceiling, first_items, sample_grid
 from conftrl.export import INPUT_ERRORS, load_adapter
-from conftrl.fidelity import FIDELITY_SCORERS, HIGHER_IS_BETTER
+from conftrl.fidelity import HIGHER_IS_BETTER, UnknownMetricError, fidelity_scorer
 from conftrl.images import save_png
 from conftrl.schema import ConfigError, validate_sampling_overrides
 
@@ -53,9 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """The metrics of the adapter `cfg.adapter`, also written to `cfg.output_dir`."""
     adapter = load_adapter(cfg.adapter, cfg.model_path)
     metric = cfg.metric or OmegaConf.select(adapter.config, "callbacks.control_fidelity.metric")
-    if metric not in FIDELITY_SCORERS:
-        raise ValueError(f"fidelity metric {metric!r} unknown; set metric= one of {', '.join(FIDELITY_SCORERS)}")
-    score = FIDELITY_SCORERS[metric]
+    score = fidelity_scorer(metric)
     sampling = adapter.sampling(**{option: cfg[option] for option in SAMPLING_OPTIONS})
     sample = partial(adapter.sample, **sampling)
     items = split_items(adapter.config.data, cfg.split, cfg.num_images)
@@ -111,11 +110,9 @@ def to_markdown(report: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=f"{config_dir()}/cli", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with mistakes_reported("conftrl.evaluate", ConfigError, UnknownMetricError, *INPUT_ERRORS):
         validate_sampling_overrides(cfg)
         evaluate(cfg)
-    except (ConfigError, *INPUT_ERRORS) as error:
-        raise SystemExit(f"conftrl.evaluate: {error}") from None
 
 
 if __name__ == "__main__":

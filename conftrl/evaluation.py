@@ -78,7 +78,7 @@ def fidelity_ceiling(items: dict, score: Scorer, batch_size: int, vae: nn.Module
     scores, sizes = [], []
     for _, part in _chunks(items, batch_size):
         images = part["image"] if vae is None else vae_round_trip(vae, part["image"])
-        scores.append(score(to_uint8((images + 1) / 2), part))
+        scores.append(score(to_uint8(images, value_range=(-1, 1)), part))
         sizes.append(len(part["caption"]))
     return _mean_scores(scores, sizes)
 

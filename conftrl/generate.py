@@ -17,6 +17,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from conftrl.commands import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
 from conftrl.control.inputs import control_from_file
 from conftrl.diffusion.sampling import SAMPLING_OPTIONS
@@ -47,11 +48,9 @@ def generate(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=f"{config_dir()}/cli", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with mistakes_reported("conftrl.generate", ConfigError, *INPUT_ERRORS):
         validate_sampling_overrides(cfg)
         generate(cfg)
-    except (ConfigError, *INPUT_ERRORS) as error:
-        raise SystemExit(f"conftrl.generate: {error}") from None
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ import numpy as np
 import torch
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float B×3×H×W in [0, 1] (the batches' control) to uint8 B×H×W×3."""
-    return (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Float B×3×H×W in `value_range` to uint8 B×H×W×3: (0, 1) for controls, (-1, 1) for the
+    images the VAE takes and gives."""
+    low, high = value_range
+    unit = (images.detach().float() - low) / (high - low)
+    return (unit.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

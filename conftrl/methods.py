@@ -23,8 +23,9 @@ from transformers import CLIPTextModel
 from conftrl.control import CONTROL_PATHS
 from conftrl.diffusion import DiffusionBase
 from conftrl.oft import OFTConfig, OFTModel
+from conftrl.oft.model import DEFAULT_TARGET_MODULES
 
-PAPER_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
+PAPER_UNET_TARGETS = DEFAULT_TARGET_MODULES["UNet2DConditionModel"]  # attention projections, GEGLU input
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 ControlPathName = Literal[CONTROL_PATHS]

@@ -18,7 +18,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.objective import (
-    TIMESTEP_SAMPLINGS, denoising_loss, encode_prompts, sample_timesteps, training_target,
+    TIMESTEP_SAMPLINGS, denoising_loss, encode_prompts, sample_timesteps, stream_seed, training_target,
 )
 from conftrl.diffusion.sampling import sample_images
 from conftrl.methods import Method
@@ -89,8 +89,7 @@ class ControlModule(LightningModule):
     def _generator(self, *stream: int) -> torch.Generator:
         """Randomness derived from (seed, stream, step, batch, rank) rather than a global RNG, so a run
         resumed from a checkpoint draws exactly the noise the uninterrupted run would."""
-        state = np.random.SeedSequence([self.seed, *stream, self.global_rank]).generate_state(1)[0]
-        return torch.Generator(self.device).manual_seed(int(state))
+        return torch.Generator(self.device).manual_seed(stream_seed(self.seed, *stream, self.global_rank))
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         image, control = batch["image"], batch["control"]

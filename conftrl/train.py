@@ -16,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from conftrl.commands import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
 from conftrl.export import export_adapter
@@ -69,10 +70,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with mistakes_reported("conftrl.train", ConfigError):
         metrics = train(cfg)
-    except ConfigError as error:
-        raise SystemExit(f"conftrl.train: the config cannot run:\n{error}") from None
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 

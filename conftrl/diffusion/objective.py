@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -9,6 +10,12 @@ from diffusers.training_utils import compute_snr
 
 
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+
+
+def stream_seed(*stream: int) -> int:
+    """A well-mixed 32-bit seed for one stream of randomness, e.g. (seed, stage, step): a
+    resumed run draws what the uninterrupted run would, with no generator state saved."""
+    return int(np.random.SeedSequence([int(s) for s in stream]).generate_state(1)[0])
 
 
 def sample_timesteps(

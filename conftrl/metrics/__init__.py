@@ -12,7 +12,6 @@ from conftrl.metrics.energy import (
 )
 from conftrl.metrics.fidelity import (
     UNKNOWN,
-    FidelityResult,
     binary_f1,
     canny_edges,
     depth_from_labels,
@@ -28,7 +27,6 @@ from conftrl.metrics.fidelity import (
 __all__ = [
     "UNKNOWN",
     "EnergySummary",
-    "FidelityResult",
     "MergedWeightLayer",
     "binary_f1",
     "canny_edges",

@@ -1,14 +1,10 @@
 """Control fidelity: does a generated image obey its control (edges, segmentation, depth)?
 
-All functions take numpy arrays — images are ``H×W×3`` RGB ``uint8`` — and score one image;
-:class:`FidelityResult` averages per-image scores over a batch. Label maps are integer arrays;
-:data:`UNKNOWN` marks pixels whose class could not be read.
+All functions take numpy arrays — images are ``H×W×3`` RGB ``uint8`` — and score one image.
+Label maps are integer arrays; :data:`UNKNOWN` marks pixels whose class could not be read.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -193,40 +189,3 @@ def depth_order_accuracy(
     if not informative.any():
         return float("nan")
     return float(np.mean(np.sign(pred[i] - pred[j])[informative] == order[informative]))
-
-
-@dataclass(frozen=True)
-class FidelityResult:
-    """Per-image scores of one metric over a batch, and how they compare to a ceiling.
-
-    ``ceiling`` is the same metric measured on real data (e.g. the segmenter's mIoU on the
-    ground-truth images), the best a generator can be credited with; ``percent_of_ceiling``
-    only makes sense for higher-is-better metrics.
-    """
-
-    name: str
-    scores: np.ndarray
-    ceiling: float | None = None
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.scores))
-
-    @property
-    def percent_of_ceiling(self) -> float | None:
-        return None if self.ceiling is None else 100.0 * self.mean / self.ceiling
-
-    @classmethod
-    def over_batch(
-        cls,
-        metric: Callable[..., float],
-        generated: Iterable[np.ndarray],
-        references: Iterable[np.ndarray],
-        ceiling: float | None = None,
-        name: str | None = None,
-        **metric_kwargs,
-    ) -> FidelityResult:
-        """Score each (generated, reference) pair with ``metric(g, r, **metric_kwargs)``."""
-        pairs = zip(generated, references, strict=True)
-        scores = np.array([metric(g, r, **metric_kwargs) for g, r in pairs])
-        return cls(name or metric.__name__, scores, ceiling)

@@ -12,27 +12,17 @@ import sys
 import numpy as np
 import torch
 
+from conftrl.diffusion.objective import stream_seed
 from datamodules.shapesworld import ShapesWorld, WorldSpec
 
 
-def step_seed(*stream: int) -> int:
-    """A well-mixed 32-bit seed for one stream of randomness, e.g. (seed, stage, step)."""
-    return int(np.random.SeedSequence([int(s) for s in stream]).generate_state(1)[0])
-
-
 def step_generator(*stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(step_seed(*stream))
+    return torch.Generator().manual_seed(stream_seed(*stream))
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 N×H×W×3 → float32 N×3×H×W in [-1, 1] (what the VAE takes)."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float N×3×H×W in [-1, 1] → uint8 N×H×W×3 (what the metrics take)."""
-    scaled = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class WorldBatches:

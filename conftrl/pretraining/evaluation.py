@@ -10,13 +10,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from conftrl.evaluation import vae_round_trip
 from conftrl.metrics.fidelity import binary_f1, canny_edges
 from conftrl.metrics.scene import SceneScorer
-from conftrl.pretraining.data import to_model_range, to_uint8
+from conftrl.images import to_uint8
+from conftrl.pretraining.data import to_model_range
 
 
 def round_trip(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Encode (posterior mean) and decode uint8 images, as a control stage sees them."""
     parts = [vae_round_trip(vae, to_model_range(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return np.concatenate([to_uint8(part) for part in parts])
+    return np.concatenate([to_uint8(part, value_range=(-1, 1)) for part in parts])
 
 
 def vae_quality(vae: AutoencoderKL, images: np.ndarray) -> dict[str, float]:

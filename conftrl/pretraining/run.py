@@ -27,7 +27,8 @@ from transformers import CLIPTokenizer
 from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
 from conftrl.metrics.scene import SceneScorer
 from conftrl.pretraining.checkpoint import load_checkpoint, save_checkpoint
-from conftrl.pretraining.data import WorldBatches, drop_captions, held_out, step_generator, step_seed, to_model_range
+from conftrl.diffusion.objective import stream_seed
+from conftrl.pretraining.data import WorldBatches, drop_captions, held_out, step_generator, to_model_range
 from conftrl.pretraining.evaluation import scene_quality, vae_quality
 from conftrl.pretraining.stages import Optimisation, text_to_image_loss, vae_loss
 from datamodules.shapesworld import COLORS, WorldSpec
@@ -126,7 +127,7 @@ class PretrainRun:
         generator = step_generator(self.cfg.seed, STREAMS[stage], step)
         if stage == "vae":
             return vae_loss(self.pipe.vae, to_model_range(images), generator, settings.kl_weight)
-        captions = drop_captions(captions, settings.caption_dropout, step_seed(self.cfg.seed, STREAMS["caption_dropout"], step))
+        captions = drop_captions(captions, settings.caption_dropout, stream_seed(self.cfg.seed, STREAMS["caption_dropout"], step))
         return text_to_image_loss(self.pipe, to_model_range(images), captions, generator, settings.snr_gamma)
 
     def train(self, stage: str, budget: Budget) -> bool:

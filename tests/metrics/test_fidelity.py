@@ -6,7 +6,6 @@ import pytest
 
 from conftrl.metrics import (
     UNKNOWN,
-    FidelityResult,
     binary_f1,
     canny_edges,
     depth_from_labels,
@@ -160,16 +159,3 @@ def test_depth_order_accuracy():
     noisy = true + np.random.default_rng(2).normal(0, 30, true.shape)
     assert 0.6 < depth_order_accuracy(noisy, true) < 1.0
     assert math.isnan(depth_order_accuracy(true, np.ones_like(true)))
-
-
-def test_fidelity_result_over_batch():
-    images = [shapes_image(), shapes_image(shift=1)]
-    references = [canny_edges(shapes_image())] * 2
-    result = FidelityResult.over_batch(edge_f1, images, references, ceiling=0.8, tolerance_px=1)
-    assert result.name == "edge_f1" and result.scores.shape == (2,)
-    assert result.scores[0] == 1.0
-    assert result.mean == pytest.approx(result.scores.mean())
-    assert result.percent_of_ceiling == pytest.approx(100 * result.mean / 0.8)
-    assert FidelityResult("rmse", np.array([1.0, 3.0])).percent_of_ceiling is None
-    with pytest.raises(ValueError):
-        FidelityResult.over_batch(edge_f1, images, references[:1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -77,9 +78,12 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(served, photo, tmp_
 
 
 def test_the_newest_adapter_is_found_or_a_clear_message_given(trained_run, tmp_path):
-    assert newest_adapter(trained_run.parent) == trained_run / "adapter"
     with pytest.raises(DemoInputError, match="no trained adapter under .*make train"):
         newest_adapter(tmp_path)
+    for run, written in (("runs/b", 1_000), ("runs/a", 2_000), ("multiruns/x/0", 1_500)):
+        adapter = shutil.copytree(trained_run / "adapter", tmp_path / run / "adapter")
+        os.utime(adapter / "conftrl.yaml", (written, written))
+    assert newest_adapter(tmp_path) == tmp_path / "runs/a/adapter"
 
 
 def test_the_command_without_an_adapter_says_what_to_do(tmp_path):

@@ -33,7 +33,7 @@ def test_unknown_sampling_is_refused_by_name(scheduler):
 
 
 def test_a_run_with_an_unknown_sampling_is_refused_before_training(make_config):
-    with pytest.raises(ValueError, match=r"loss.timesteps='logit': expected one of uniform, cubic"):
+    with pytest.raises(ValueError, match=r"loss.timesteps='logit': Input should be 'uniform' or 'cubic'"):
         train(make_config("loss.timesteps=logit"))
 
 
