@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conftrl.atomic import atomic_write
+
 
 class AnnotationCache:
     def __init__(self, directory: str | os.PathLike):
@@ -42,8 +44,5 @@ class AnnotationCache:
             return np.load(entry, allow_pickle=False)
         self.misses += 1
         array = np.asarray(compute())
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        partial = entry.with_name(f"{entry.stem}.{os.getpid()}.partial.npy")
-        np.save(partial, array, allow_pickle=False)
-        os.replace(partial, entry)
+        atomic_write(entry, lambda file: np.save(file, array, allow_pickle=False))
         return array

@@ -13,8 +13,6 @@ Only safetensors are read: a pickle can run arbitrary code on load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -22,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
+from conftrl.atomic import atomic_write
 from conftrl.oft.config import OFTConfig
 
 if TYPE_CHECKING:
@@ -35,18 +34,6 @@ KEY_PREFIX = "base_model.model."
 # The PEFT release whose OFT parameterisation (and Cayley-Neumann series) conftrl reproduces.
 PEFT_FORMAT_VERSION = "0.18.0"
 _EPS_METADATA = "conftrl_eps"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _rotation_sign(config: OFTConfig) -> float:
@@ -88,7 +75,7 @@ def save_adapter(wrapped: "OFTModel", adapter_name: str, directory: Path) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state(wrapped, adapter_name)
     metadata = {"format": "pt", _EPS_METADATA: repr(config.eps)}
-    _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(directory / "adapter_model.safetensors", lambda file: file.write(save(state, metadata=metadata)))
     extra = {"eps": _peft_eps(wrapped, adapter_name), "peft_version": PEFT_FORMAT_VERSION, "inference_mode": True}
     # Defaults resolved from the architecture are written out: PEFT has other defaults.
     extra["target_modules"] = wrapped.resolve_targets(config)
@@ -96,12 +83,12 @@ def save_adapter(wrapped: "OFTModel", adapter_name: str, directory: Path) -> Pat
     if not values["rank_pattern"]:
         del values["rank_pattern"]  # PEFT's OFT has no rank_pattern; write it only when it matters
     del values["alpha_pattern"]
-    _atomic_write(directory / "adapter_config.json", lambda tmp: _write_json(tmp, values))
+    atomic_write(directory / "adapter_config.json", lambda file: _write_json(file, values))
     return directory
 
 
-def _write_json(path: str, values: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+def _write_json(file, values: dict[str, Any]) -> None:
+    file.write((json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_config(directory: Path) -> tuple[OFTConfig, dict[str, Any]]:
