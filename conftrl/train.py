@@ -16,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from conftrl.checkpointing import resume_path
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
 from conftrl.export import export_adapter
@@ -49,7 +50,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_info})
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        checkpoint = resume_path(cfg.ckpt_path, trainer)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+        # A fresh run that took no step. Not `global_step`: under ddp_spawn the steps are taken
+        # in other processes, and only their logged metrics come back.
+        if checkpoint is None and "train/loss" not in trainer.callback_metrics and trainer.max_steps != 0:
+            raise RuntimeError(
+                f"trained 0 steps (trainer.max_epochs={trainer.max_epochs}, limit_train_batches="
+                f"{trainer.limit_train_batches}); no untrained adapter is exported (trainer.max_steps=0 asks for one)"
+            )
         trainer.validate(module, datamodule=datamodule)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
