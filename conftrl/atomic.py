@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,15 +36,26 @@ class DiskFullError(OSError):
 
 
 def _disk_was_full(error: BaseException) -> bool:
-    """Whether ENOSPC is anywhere in the chain: writers such as torch's wrap the OSError that
-    the file raised in an error of their own."""
+    """Whether a full disk is anywhere in the chain: torch's writer wraps the OSError that the
+    file raised in an error of its own, safetensors' Rust writer quotes the system's message."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextmanager
+def naming_a_full_disk(path: str | os.PathLike):
+    """Re-raise whatever a full disk made the block raise as `DiskFullError` naming `path`."""
+    try:
+        yield
+    except Exception as error:
+        if _disk_was_full(error):
+            raise DiskFullError(path) from error
+        raise
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -68,15 +80,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "wb") as file:
+        with naming_a_full_disk(path), open(temporary, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException as error:
+    except BaseException:
         temporary.unlink(missing_ok=True)
-        if isinstance(error, Exception) and _disk_was_full(error):
-            raise DiskFullError(path) from error
         raise
     _fsync_folder(path.parent)
     return path

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from conftrl.atomic import replace_folder
+from conftrl.atomic import naming_a_full_disk, replace_folder
 from conftrl.control import EncoderControl, load_control_path
 from conftrl.diffusion import DiffusionBase, ModelFolderError, load_base
 from conftrl.diffusion.sampling import sample_images
@@ -107,11 +107,16 @@ def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
         raise AdapterError(f"export_dir {str(directory)!r} exists and is not an adapter folder; it is left as it is")
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    module.method.save(module.base, staging)
-    module.control.save(staging)
-    record = {**OmegaConf.to_container(config, resolve=True), "trainable_parameters": module.num_trainable_parameters}
-    OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
+    try:
+        with naming_a_full_disk(directory):
+            staging.mkdir(parents=True)
+            module.method.save(module.base, staging)
+            module.control.save(staging)
+            record = {**OmegaConf.to_container(config, resolve=True), "trainable_parameters": module.num_trainable_parameters}
+            OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return replace_folder(staging, directory)
 
 

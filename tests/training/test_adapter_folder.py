@@ -9,9 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from conftest import compose_config, run_command
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from conftrl.evaluate import evaluate
 from conftrl.export import ADAPTER_TARGETS, AdapterError, export_adapter, load_adapter
@@ -21,16 +23,17 @@ CONF = Path(__file__).parents[2] / "conf"
 
 
 def planted_adapter(trained_run: Path, tmp_path: Path, where: list[str]) -> tuple[Path, Path]:
-    """A copy of the trained adapter whose conftrl.yaml, at `where`, calls `os.system` to
-    create a marker file; returns (adapter, marker)."""
+    """A copy of the trained adapter whose conftrl.yaml, at `where`, calls `shutil.copyfile`
+    to create a marker file (a callable Hydra's own blocklist lets through, where it stops
+    `os.system`); returns (adapter, marker)."""
     adapter, marker = tmp_path / "downloaded", tmp_path / "code_ran"
     shutil.copytree(trained_run / "adapter", adapter)
     config = yaml.safe_load((adapter / "conftrl.yaml").read_text())
     node = config
     for key in where:
         node = node[key]
-    node["_target_"] = "os.system"
-    node["_args_"] = [f"touch {marker}"]
+    node.clear()
+    node.update({"_target_": "shutil.copyfile", "_args_": [str(adapter / "conftrl.yaml"), str(marker)]})
     (adapter / "conftrl.yaml").write_text(yaml.safe_dump(config))
     return adapter, marker
 
@@ -39,15 +42,26 @@ def planted_adapter(trained_run: Path, tmp_path: Path, where: list[str]) -> tupl
 def test_loading_an_adapter_never_calls_a_planted_target(trained_run, tmp_path, where):
     adapter, marker = planted_adapter(trained_run, tmp_path, where)
     target = ".".join(where)
-    with pytest.raises(AdapterError, match=rf"{adapter / 'conftrl.yaml'}: {target}._target_ is 'os.system', which is not one of conftrl's classes"):
+    with pytest.raises(AdapterError, match=rf"{adapter / 'conftrl.yaml'}: {target}._target_ is 'shutil.copyfile', which is not one of conftrl's classes"):
         load_adapter(adapter)
     assert not marker.exists()
+
+
+def test_adapter_weights_are_read_from_safetensors_only(trained_run, tmp_path):
+    """A pickle beside or instead of the weights is never unpickled, even as weights only."""
+    adapter = tmp_path / "downloaded"
+    shutil.copytree(trained_run / "adapter", adapter)
+    weights = adapter / "control_encoder" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(AdapterError, match=f"cannot apply the adapter in '{adapter}'.*safetensors"):
+        load_adapter(adapter)
 
 
 def test_generate_never_calls_a_planted_target(trained_run, tmp_path):
     adapter, marker = planted_adapter(trained_run, tmp_path, ["control"])
     cfg = compose_config("cli/generate", [f"adapter={adapter}", f"control={tmp_path / 'edges.png'}", "prompt=a circle"], tmp_path / "out")
-    with pytest.raises(AdapterError, match=r"conftrl.yaml: control._target_ is 'os.system'"):
+    with pytest.raises(AdapterError, match=r"conftrl.yaml: control._target_ is 'shutil.copyfile'"):
         generate(cfg)
     assert not marker.exists()
 
@@ -55,14 +69,14 @@ def test_generate_never_calls_a_planted_target(trained_run, tmp_path):
 def test_evaluate_never_calls_a_target_nested_in_the_data(trained_run, tmp_path):
     adapter, marker = planted_adapter(trained_run, tmp_path, ["data", "annotator"])
     cfg = compose_config("cli/evaluate", [f"adapter={adapter}", "split=val", "num_images=1", "steps=1"], tmp_path / "out")
-    with pytest.raises(AdapterError, match=r"conftrl.yaml: data.annotator._target_ is 'os.system'"):
+    with pytest.raises(AdapterError, match=r"conftrl.yaml: data.annotator._target_ is 'shutil.copyfile'"):
         evaluate(cfg)
     assert not marker.exists()
 
 
 def test_the_command_line_reports_a_planted_target_in_one_line(trained_run, tmp_path):
     adapter, marker = planted_adapter(trained_run, tmp_path, ["method"])
-    with pytest.raises(AssertionError, match=r"conftrl.evaluate: .*method._target_ is 'os.system'"):
+    with pytest.raises(AssertionError, match=r"conftrl.evaluate: .*method._target_ is 'shutil.copyfile'"):
         run_command("conftrl.evaluate", f"adapter={adapter}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert not marker.exists()
 
@@ -144,3 +158,19 @@ def test_export_never_replaces_a_folder_that_is_not_an_adapter(tmp_path):
     assert (precious / "cat.jpg").read_bytes() == b"jpeg"
     export_adapter(fake_module("new"), OmegaConf.create({"version": "new"}), tmp_path / "empty")  # a new folder is fine
     assert exported_version(tmp_path / "empty") == "new"
+
+
+def test_a_full_disk_during_export_is_said_plainly_and_keeps_the_old_adapter(tmp_path):
+    directory = tmp_path / "adapter"
+    export_adapter(fake_module("old"), OmegaConf.create({"version": "old"}), directory)
+    full = fake_module("new")
+
+    def save_onto_a_full_disk(base, staging):
+        # as safetensors' writer reports it
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    full.method.save = save_onto_a_full_disk
+    with pytest.raises(OSError, match=f"no space left on device while writing {directory}"):
+        export_adapter(full, OmegaConf.create({"version": "new"}), directory)
+    assert exported_version(directory) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no half-written copy left
