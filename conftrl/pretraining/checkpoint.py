@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from conftrl.atomic import atomic_write
@@ -52,8 +52,17 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     atomic_write(path, lambda file: file.write(save(tensors, metadata={_HEADER_KEY: header})))
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back: empty, truncated, or not one of ours."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """The state saved by :func:`save_checkpoint`, tensors on the CPU."""
-    with safe_open(str(path), framework="pt") as file:
-        header = json.loads(file.metadata()[_HEADER_KEY])
-    return _join(header, load_file(str(path)))
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = json.loads((file.metadata() or {})[_HEADER_KEY])
+        return _join(header, load_file(str(path)))
+    except (SafetensorError, KeyError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise DamagedCheckpointError(
+            f"checkpoint {path} is damaged ({type(error).__name__}: {error}); delete it to start the run over"
+        ) from error
