@@ -63,6 +63,17 @@ def newest_checkpoint(folder: str | os.PathLike, before_step: float = float("inf
     return path, step
 
 
+def non_finite(node, name: str = "") -> list[str]:
+    """Where a nest of dicts and lists (a checkpoint) holds NaN or infinite floating-point values."""
+    if isinstance(node, torch.Tensor):
+        return [name] if node.is_floating_point() and not torch.isfinite(node).all() else []
+    if isinstance(node, dict):
+        return [bad for key, value in node.items() for bad in non_finite(value, f"{name}.{key}".lstrip("."))]
+    if isinstance(node, (list, tuple)):
+        return [bad for i, value in enumerate(node) for bad in non_finite(value, f"{name}.{i}".lstrip("."))]
+    return []
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """`torch.load(path, weights_only=True)`, with errors that name the file and what is wrong."""
     path = Path(path)
@@ -81,10 +92,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         problem = error
     previous = newest_checkpoint(path.parent, besides=path)
     hint = f"the previous checkpoint is {previous[0]} (step {previous[1]})" if previous else "no other checkpoint is there"
-    size = path.stat().st_size
+    state = "empty" if path.stat().st_size == 0 else "truncated or corrupt"
     raise CheckpointError(
-        f"checkpoint {describe(path)} is damaged ({'empty' if size == 0 else f'{size} bytes, truncated or corrupt'}: "
-        f"{type(problem).__name__}: {problem}); {hint}"
+        f"checkpoint {describe(path)} is damaged ({state}; {type(problem).__name__}: {problem}); {hint}"
     ) from problem
 
 

@@ -103,7 +103,8 @@ def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
     a crash leaves the previous adapter or the new one. A folder there that is not an
     adapter is never replaced."""
     directory = Path(directory)
-    if directory.exists() and not (directory / CONFIG_FILE).is_file() and (directory.is_file() or any(directory.iterdir())):
+    occupied = directory.is_file() or directory.is_dir() and any(directory.iterdir())
+    if occupied and not (directory / CONFIG_FILE).is_file():
         raise AdapterError(f"export_dir {str(directory)!r} exists and is not an adapter folder; it is left as it is")
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -112,7 +113,8 @@ def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
             staging.mkdir(parents=True)
             module.method.save(module.base, staging)
             module.control.save(staging)
-            record = {**OmegaConf.to_container(config, resolve=True), "trainable_parameters": module.num_trainable_parameters}
+            record = OmegaConf.to_container(config, resolve=True)
+            record["trainable_parameters"] = module.num_trainable_parameters
             OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

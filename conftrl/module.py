@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
 from lightning import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftrl.checkpointing import newest_checkpoint
+from conftrl.checkpointing import newest_checkpoint, non_finite
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.objective import (
@@ -28,17 +28,6 @@ from conftrl.oft import checkpoint_keeping_rotations
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops before the optimiser step."""
-
-
-def non_finite(node, name: str = "") -> list[str]:
-    """Where a nest of dicts and lists (a checkpoint) holds NaN or infinite floating-point values."""
-    if isinstance(node, torch.Tensor):
-        return [name] if node.is_floating_point() and not torch.isfinite(node).all() else []
-    if isinstance(node, dict):
-        return [bad for key, value in node.items() for bad in non_finite(value, f"{name}.{key}".lstrip("."))]
-    if isinstance(node, (list, tuple)):
-        return [bad for i, value in enumerate(node) for bad in non_finite(value, f"{name}.{i}".lstrip("."))]
-    return []
 
 
 class CheckpointMismatchError(ValueError):
@@ -168,8 +157,8 @@ class ControlModule(LightningModule):
     def _good_checkpoint(self) -> str:
         """The newest checkpoint saved before this step. The one saved at this step holds the
         weights being trained now, which may be what made the loss non-finite."""
-        callback = self.trainer.checkpoint_callback
-        found = newest_checkpoint(callback.dirpath, before_step=self.global_step) if callback and callback.dirpath else None
+        folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        found = newest_checkpoint(folder, before_step=self.global_step) if folder else None
         if found is None:
             return f"No checkpoint saved before step {self.global_step} exists to resume from."
         return f"Last good checkpoint: {found[0]} (step {found[1]}); resume with ckpt_path={found[0]}"

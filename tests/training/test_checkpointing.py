@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftrl import checkpointing
-from conftrl.checkpointing import AtomicCheckpointIO, CheckpointError, resume_path
-from conftrl.module import NonFiniteLossError, non_finite
+from conftrl.checkpointing import AtomicCheckpointIO, CheckpointError, non_finite, resume_path
+from conftrl.module import NonFiniteLossError
 
 
 def test_save_then_load_round_trips(tmp_path):
