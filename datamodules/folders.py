@@ -126,7 +126,8 @@ def split_records(records: list[Record], val_fraction: float, test_fraction: flo
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val_fraction}, {test_fraction}")
-    bands = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction), "train": (test_fraction + val_fraction, 1.0)}
+    val_end = test_fraction + val_fraction
+    bands = {"test": (0.0, test_fraction), "val": (test_fraction, val_end), "train": (val_end, 1.0)}
     splits = {name: [r for r in records if low <= _position(r) < high] for name, (low, high) in bands.items()}
     wanted = [name for name, (low, high) in bands.items() if high > low]
     if len(records) < len(wanted):
@@ -236,7 +237,8 @@ def _list_json_lines(listing: Path, image_key: str, caption_key: str, control_ke
             continue
         image = listing.parent / entry[image_key]
         control = listing.parent / entry[control_key] if entry.get(control_key) else None
-        records.append(Record(entry[image_key], image, entry[caption_key], control, *_maps_beside(image), listed_at=where))
+        caption = entry[caption_key]
+        records.append(Record(entry[image_key], image, caption, control, *_maps_beside(image), listed_at=where))
     return records
 
 
