@@ -142,3 +142,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, t
     kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+
+
+def test_a_two_image_folder_trains_and_validates(tiny_base, tmp_path):
+    """2 images at val_fraction=0.9 both hash into validation: the run used to take 0 steps,
+    exit 0 and export the untrained adapter. Now one trains, one validates."""
+    import cv2
+    import numpy as np
+    from conftest import FAST, compose_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        image = np.zeros((32, 32, 3), np.uint8)
+        cv2.circle(image, (16, 16), 6 + 4 * i, (255, 255, 255), -1)
+        cv2.imwrite(str(data / f"{i}.png"), image)
+        (data / f"{i}.txt").write_text(f"circle {i}")
+    fast = [o for o in FAST if not o.startswith("data.num_")]
+    overrides = [f"model.path={tiny_base}", *fast, "experiment=canny_coft", "data=folder", f"data.root={data}",
+                 "data.val_fraction=0.9", "data.num_workers=0", "data.batch_size=1"]
+    metrics = train(compose_config("train", overrides, tmp_path / "run"))
+    assert "val/loss" in metrics
+    assert sorted(losses(tmp_path / "run")) == [0, 1]  # max_steps=2 taken on the one training image
+    assert load_adapter(tmp_path / "run" / "adapter").method.name == "coft"
