@@ -120,10 +120,11 @@ def test_divergence_names_a_checkpoint_that_trains_on(make_config, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as raised:
         train(make_config(*diverging))
     failing_step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
-    named = re.search(r"Last good checkpoint: (\S+) \(step (\d+)\)", str(raised.value))
+    named = re.search(r"Last good checkpoint: (\S+?\.ckpt)", str(raised.value))
     assert named, raised.value
-    path, step = Path(named.group(1)), int(named.group(2))
-    assert step < failing_step and torch.load(path, weights_only=True)["global_step"] == step
+    path = Path(named.group(1))
+    step = torch.load(path, weights_only=True)["global_step"]
+    assert step < failing_step and f"(step {step})" in str(raised.value)
     # One more step from the named checkpoint computes the loss of its weights: finite.
     train(make_config(*diverging, f"ckpt_path={path}", f"trainer.max_steps={step + 1}", output_dir=tmp_path / "resumed"))
 
