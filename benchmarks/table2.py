@@ -51,7 +51,7 @@ from conftrl.diffusion import load_base
 from conftrl.evaluate import fidelity_table
 from conftrl.evaluate import format_number as number
 from conftrl.evaluation import fidelity_ceiling, first_items
-from conftrl.export import CONFIG_FILE
+from conftrl.export import CONFIG_FILE, check_targets
 from conftrl.fidelity import FIDELITY_SCORERS, HIGHER_IS_BETTER
 from conftrl.run_logs import logged_metrics
 
@@ -133,8 +133,12 @@ def train_missing(runs: list[Run], out: Path, overrides: list[str]) -> None:
 
 
 def run_config(run: Run, out: Path) -> DictConfig:
-    """The resolved config the run was trained with, as its adapter folder records it."""
-    return OmegaConf.load(run.directory(out) / "adapter" / CONFIG_FILE)
+    """The resolved config the run was trained with, as its adapter folder records it; its data
+    is instantiated, so it may name only the classes an adapter may (`check_targets`)."""
+    path = run.directory(out) / "adapter" / CONFIG_FILE
+    config = OmegaConf.load(path)
+    check_targets(config, path)
+    return config
 
 
 def fidelity_ceilings(config: DictConfig) -> dict[str, float]:

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -60,7 +62,9 @@ def test_adapter_weights_are_read_from_safetensors_only(trained_run, tmp_path):
 
 def test_generate_never_calls_a_planted_target(trained_run, tmp_path):
     adapter, marker = planted_adapter(trained_run, tmp_path, ["control"])
-    cfg = compose_config("cli/generate", [f"adapter={adapter}", f"control={tmp_path / 'edges.png'}", "prompt=a circle"], tmp_path / "out")
+    control = tmp_path / "edges.png"
+    cv2.imwrite(str(control), np.zeros((32, 32, 3), np.uint8))
+    cfg = compose_config("cli/generate", [f"adapter={adapter}", f"control={control}", "prompt=a circle"], tmp_path / "out")
     with pytest.raises(AdapterError, match=r"conftrl.yaml: control._target_ is 'shutil.copyfile'"):
         generate(cfg)
     assert not marker.exists()
