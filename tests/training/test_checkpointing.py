@@ -145,3 +145,20 @@ def test_checkpoint_with_non_finite_optimiser_state_is_refused(make_config, tmp_
     with pytest.raises(NonFiniteLossError, match=r"refusing to checkpoint step 4.*exp_avg_sq.*step_000002\.ckpt \(step 2\)"):
         train(cfg)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step_000002.ckpt"]
+
+
+def test_a_full_disk_stops_training_with_a_plain_message_and_the_last_checkpoint_intact(make_config, tmp_path, monkeypatch):
+    from conftrl.train import train
+
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, file):
+        saves.append(obj["global_step"])
+        real_save(obj, FullDisk(file, room=2000) if len(saves) > 1 else file)
+
+    monkeypatch.setattr(checkpointing.torch, "save", save_until_the_disk_fills)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(OSError, match=f"^no space left on device while writing {folder / 'step_000004.ckpt'}"):
+        train(make_config("experiment=canny_coft", "trainer.max_steps=4"))
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_000002.ckpt"]
+    assert AtomicCheckpointIO().load_checkpoint(folder / "last.ckpt")["global_step"] == 2
