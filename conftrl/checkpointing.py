@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from conftrl.atomic import atomic_write
 
 
-# `ckpt_path` values with a meaning of Lightning's own, passed through unchanged.
+# `ckpt_path` values with a meaning of Lightning's own ("registry:<name>" too), passed through.
 LIGHTNING_KEYWORDS = ("best", "hpc", "registry")
 
 
@@ -47,7 +47,9 @@ def saved_step(path: str | os.PathLike) -> int | None:
         return None
 
 
-def newest_checkpoint(folder: str | os.PathLike, before_step: float = float("inf"), besides: Path | None = None):
+def newest_checkpoint(
+    folder: str | os.PathLike, before_step: float = float("inf"), besides: Path | None = None
+) -> tuple[Path, int] | None:
     """(path, step) of the newest readable checkpoint in `folder` saved before `before_step`,
     leaving out links and `besides`; None if there is none."""
     found = []
@@ -101,7 +103,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
 def resume_path(ckpt_path: str | None, trainer: Trainer) -> str | None:
     """The checkpoint file `ckpt_path` means: "last" is the run's `last.ckpt`, which must exist.
     Lightning itself would start from step 0, with only a warning, when there is none."""
-    if ckpt_path is None or ckpt_path in LIGHTNING_KEYWORDS or "://" in ckpt_path:
+    if ckpt_path is None or ckpt_path.split(":", 1)[0] in LIGHTNING_KEYWORDS or "://" in ckpt_path:
         return ckpt_path
     if ckpt_path != "last":
         if not Path(ckpt_path).is_file():
