@@ -29,8 +29,8 @@ the table as `<task>_<method>.png`.
 
 Rerunning with the same `--out` (and options) trains only what is missing: a run whose
 directory holds its exported adapter is finished and is read back, not retrained; an
-interrupted one continues from its last checkpoint (`ckpt_path=last`, which starts a run that
-has none from scratch). A replication can so be spread over several sessions.
+interrupted one continues from its last checkpoint (`ckpt_path=last`), one that never saved a
+checkpoint starts again. A replication can so be spread over several sessions.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from conftrl.diffusion import load_base
 from conftrl.evaluate import fidelity_table
 from conftrl.evaluate import format_number as number
 from conftrl.evaluation import fidelity_ceiling, first_items
-from conftrl.export import CONFIG_FILE
+from conftrl.export import CONFIG_FILE, check_targets
 from conftrl.fidelity import FIDELITY_SCORERS, HIGHER_IS_BETTER
 from conftrl.run_logs import logged_metrics
 
@@ -94,6 +94,9 @@ class Run:
     def directory(self, out: Path) -> Path:
         return out / RUN_DIR.format(experiment=self.experiment, suffix=BASE_SUFFIX if self.is_base else "")
 
+    def has_checkpoint(self, out: Path) -> bool:
+        return (self.directory(out) / "checkpoints" / "last.ckpt").is_file()
+
     def is_finished(self, out: Path) -> bool:
         """`export_adapter` renames the adapter folder into place last: it exists only complete."""
         return (self.directory(out) / "adapter" / CONFIG_FILE).is_file()
@@ -103,7 +106,7 @@ class Run:
         return f"{self.task}_{self.method}.png"
 
 
-def multirun_command(runs: list[Run], out: Path, overrides: list[str]) -> list[str]:
+def multirun_command(runs: list[Run], out: Path, overrides: list[str], resume: bool = False) -> list[str]:
     """One `conftrl.train` multirun over the experiments of `runs`, all bases or none (Hydra
     runs the jobs one after the other in one process). Hydra names each job's directory after
     its experiment, the way `Run.directory` does."""
@@ -114,22 +117,28 @@ def multirun_command(runs: list[Run], out: Path, overrides: list[str]) -> list[s
         f"experiment={','.join(run.experiment for run in runs)}",
         *overrides,
         *(["trainer.max_steps=0"] if is_base else []),  # the last value of a key wins
-        f"hydra.sweep.dir={out}", f"hydra.sweep.subdir={subdir}", "ckpt_path=last",
+        f"hydra.sweep.dir={out}", f"hydra.sweep.subdir={subdir}", *(["ckpt_path=last"] if resume else []),
     ]
 
 
 def train_missing(runs: list[Run], out: Path, overrides: list[str]) -> None:
-    """Train the runs that are not finished: the bases in one multirun, the others in another."""
+    """Train the runs that are not finished: the bases in one multirun, the others in another,
+    each split into those that resume from a checkpoint and those that start."""
     missing = [run for run in runs if not run.is_finished(out)]
     for is_base in (True, False):
-        group = [run for run in missing if run.is_base == is_base]
-        if group:
-            subprocess.run(multirun_command(group, out, overrides), check=True)
+        for resume in (False, True):  # `ckpt_path=last` fails where there is nothing to resume
+            group = [run for run in missing if run.is_base == is_base and run.has_checkpoint(out) == resume]
+            if group:
+                subprocess.run(multirun_command(group, out, overrides, resume), check=True)
 
 
 def run_config(run: Run, out: Path) -> DictConfig:
-    """The resolved config the run was trained with, as its adapter folder records it."""
-    return OmegaConf.load(run.directory(out) / "adapter" / CONFIG_FILE)
+    """The resolved config the run was trained with, as its adapter folder records it; its data
+    is instantiated, so it may name only the classes an adapter may (`check_targets`)."""
+    path = run.directory(out) / "adapter" / CONFIG_FILE
+    config = OmegaConf.load(path)
+    check_targets(config, path)
+    return config
 
 
 def fidelity_ceilings(config: DictConfig) -> dict[str, float]:

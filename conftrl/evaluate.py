@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from conftrl.commands import mistakes_reported
@@ -32,10 +31,9 @@ register_resolvers()
 SPLITS = ("val", "test")
 
 
-def split_items(data_config: DictConfig, split: str, count: int) -> dict:
+def split_items(datamodule, split: str, count: int) -> dict:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    datamodule = instantiate(data_config)
     datamodule.setup("validate" if split == "val" else "test")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     return first_items(loader, count)
@@ -57,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict:
     score = fidelity_scorer(metric)
     sampling = adapter.sampling(**{option: cfg[option] for option in SAMPLING_OPTIONS})
     sample = partial(adapter.sample, **sampling)
-    items = split_items(adapter.config.data, cfg.split, cfg.num_images)
+    items = split_items(adapter.build("data"), cfg.split, cfg.num_images)
 
     report = {
         "adapter": str(Path(cfg.adapter).resolve()),

@@ -23,11 +23,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from conftrl.atomic import naming_a_full_disk, replace_folder
 from conftrl.control import EncoderControl, load_control_path
 from conftrl.diffusion import DiffusionBase, ModelFolderError, load_base
 from conftrl.diffusion.sampling import sample_images
 from conftrl.methods import Method
-from datamodules import BadSampleError
+from datamodules import BadSampleError, EmptySplitError
 
 CONFIG_FILE = "conftrl.yaml"
 
@@ -36,24 +37,89 @@ class AdapterError(ValueError):
     """An adapter folder is missing, incomplete, corrupt or made for another base model."""
 
 
+# Every class an adapter's conftrl.yaml may name (its method, control and data, with their
+# estimators). Loading an adapter instantiates these and nothing else: the file may come from
+# anywhere, and a `_target_` is a Python callable.
+ADAPTER_TARGETS = frozenset({
+    "conftrl.methods.Method", "conftrl.methods.OFTMethod", "conftrl.methods.LoRAMethod", "conftrl.methods.FullMethod",
+    "datamodules.annotators.CannyAnnotator", "datamodules.annotators.DepthAnnotator",
+    "datamodules.annotators.SegmentationAnnotator", "datamodules.annotators.PrecomputedControl",
+    "datamodules.annotators.DnnDepthEstimator", "datamodules.annotators.TransformersDepthEstimator",
+    "datamodules.annotators.TransformersSegmentationEstimator",
+    "datamodules.FolderDataModule", "datamodules.ShapesWorldDataModule",
+})
+
+
+def _targets(node, where: str):
+    """(where, target) of every `_target_` in a nest of dicts and lists."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                yield where, value
+            else:
+                yield from _targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _targets(value, f"{where}[{index}]")
+
+
+# The sections of an adapter's config that are instantiated: the method when loading, the
+# control by `generate` and `evaluate`, the data by `evaluate`.
+RECORDED_OBJECTS = ("method", "control", "data")
+
+
+def check_targets(config: DictConfig, source: str | Path) -> dict:
+    """The resolved config (a target cannot hide in `${...}`) if every `_target_` in its
+    `RECORDED_OBJECTS` is one of `ADAPTER_TARGETS`; otherwise `AdapterError` naming the file
+    and the target."""
+    resolved = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(resolved, dict):
+        raise AdapterError(f"{source}: not a mapping of settings")
+    for key in RECORDED_OBJECTS:
+        for where, target in _targets(resolved.get(key), key):
+            if target not in ADAPTER_TARGETS:
+                raise AdapterError(
+                    f"{source}: {where}._target_ is {target!r}, which is not one of conftrl's classes; "
+                    "an adapter folder may only name conftrl's methods, annotators and datamodules, so it is not loaded"
+                )
+    return resolved
+
+
+def instantiate_recorded(config: DictConfig, key: str, source: str | Path):
+    """`config[key]` of an adapter's config file `source`, built from allowed classes only."""
+    node = check_targets(config, source).get(key)
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise AdapterError(f"{source}: {key!r} names no class")
+    return instantiate(node)
+
+
 # What bad user input raises when loading an adapter and its inputs: entry points report these
 # as one line instead of a traceback.
-INPUT_ERRORS = (AdapterError, ModelFolderError, BadSampleError)
+INPUT_ERRORS = (AdapterError, ModelFolderError, BadSampleError, EmptySplitError)
 
 
 def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
-    """Write the adapter folder next to its final place, then rename it there."""
+    """Write the adapter folder beside its final place, then swap it in (`replace_folder`):
+    a crash leaves the previous adapter or the new one. A folder there that is not an
+    adapter is never replaced."""
     directory = Path(directory)
+    occupied = directory.is_file() or directory.is_dir() and any(directory.iterdir())
+    if occupied and not (directory / CONFIG_FILE).is_file():
+        raise AdapterError(f"export_dir {str(directory)!r} exists and is not an adapter folder; it is left as it is")
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    module.method.save(module.base, staging)
-    module.control.save(staging)
-    record = {**OmegaConf.to_container(config, resolve=True), "trainable_parameters": module.num_trainable_parameters}
-    OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
-    return directory
+    try:
+        with naming_a_full_disk(directory):
+            staging.mkdir(parents=True)
+            module.method.save(module.base, staging)
+            module.control.save(staging)
+            record = OmegaConf.to_container(config, resolve=True)
+            record["trainable_parameters"] = module.num_trainable_parameters
+            OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return replace_folder(staging, directory)
 
 
 @dataclass
@@ -64,6 +130,11 @@ class TrainedAdapter:
     method: Method
     control: EncoderControl
     config: DictConfig
+    directory: Path
+
+    def build(self, key: str):
+        """The run's `control` (annotator) or `data` (datamodule), from the allowed classes only."""
+        return instantiate_recorded(self.config, key, self.directory / CONFIG_FILE)
 
     def sampling(self, **chosen) -> dict:
         """Sampling settings: the run's own (its `sampling`), except those chosen and not None."""
@@ -81,7 +152,8 @@ def load_adapter(directory: str | Path, model_path: str | Path | None = None) ->
         raise AdapterError(f"{str(directory)!r} is not a conftrl adapter folder (no {CONFIG_FILE})")
     try:
         config = OmegaConf.load(directory / CONFIG_FILE)
-        base_path, method = model_path or config.model.path, instantiate(config.method)
+        check_targets(config, directory / CONFIG_FILE)  # before anything is built
+        base_path, method = model_path or config.model.path, instantiate_recorded(config, "method", directory / CONFIG_FILE)
     except (yaml.YAMLError, OmegaConfBaseException, HydraException) as error:
         raise AdapterError(f"{CONFIG_FILE} in {str(directory)!r} is corrupt: {error}") from error
     base = load_base(base_path)
@@ -97,4 +169,4 @@ def load_adapter(directory: str | Path, model_path: str | Path | None = None) ->
             f"the UNet of {str(base.path)!r} has {base.unet.conv_in.out_channels}: another base model"
         )
     control.eval()
-    return TrainedAdapter(base, method, control, config)
+    return TrainedAdapter(base, method, control, config, directory)

@@ -182,5 +182,5 @@ class FullMethod(Method):
     def load(self, base: DiffusionBase, directory: Path) -> None:
         classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
         for part, model in self.models(base).items():
-            trained = classes[part].from_pretrained(directory / part)
+            trained = classes[part].from_pretrained(directory / part, use_safetensors=True)
             model.load_state_dict(trained.state_dict())

@@ -6,7 +6,6 @@ optimiser), and a checkpoint of another method or model is refused with the reas
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -14,7 +13,9 @@ import torch
 from diffusers.optimization import get_scheduler
 from lightning import LightningModule
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from conftrl.checkpointing import newest_checkpoint, non_finite
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.objective import (
@@ -109,11 +110,9 @@ class ControlModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self._generator(0, self.global_step, batch_idx))
         if not torch.isfinite(loss):
-            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
-            last = os.path.realpath(last) if last else "none saved yet"
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.global_step}; stopped before the optimiser step. "
-                f"Last good checkpoint: {last}"
+                f"{self._good_checkpoint()}"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
@@ -154,13 +153,29 @@ class ControlModule(LightningModule):
             "trainable": {name: list(shape) for name, shape in self.trainable_state().items()},
         }
 
+    def _good_checkpoint(self) -> str:
+        """The newest checkpoint saved before this step. The one saved at this step holds the
+        weights being trained now, which may be what made the loss non-finite."""
+        folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        found = newest_checkpoint(folder, before_step=self.global_step) if folder else None
+        if found is None:
+            return f"No checkpoint saved before step {self.global_step} exists to resume from."
+        return f"Last good checkpoint: {found[0]} (step {found[1]}); resume with ckpt_path={found[0]}"
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = self.trainable_state()
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteLossError(f"refusing to checkpoint non-finite weights: {bad[:3]}")
         checkpoint["state_dict"] = state
+        # Weights, optimiser moments, callback state such as EMA; not the checkpoint callback's
+        # own bookkeeping, whose "no score yet" is infinite.
+        bad = non_finite({k: v for k, v in checkpoint.items() if k != "callbacks"}) + non_finite({
+            k: v for k, v in checkpoint.get("callbacks", {}).items() if not k.startswith(ModelCheckpoint.__qualname__)
+        })
+        if bad:
+            raise NonFiniteLossError(
+                f"refusing to checkpoint step {self.global_step}, its state is not finite: {bad[:3]}. "
+                f"{self._good_checkpoint()}"
+            )
         checkpoint["conftrl"] = self._fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

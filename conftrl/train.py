@@ -16,11 +16,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from conftrl.atomic import DiskFullError
+from conftrl.checkpointing import CheckpointError, resume_path
 from conftrl.commands import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
-from conftrl.export import export_adapter
-from conftrl.module import ControlModule
+from conftrl.export import INPUT_ERRORS, export_adapter
+from conftrl.module import CheckpointMismatchError, ControlModule
 from conftrl.schema import ConfigError, check_method_fits, instantiate_checked, validate_train_config
 from conftrl.wandb_runs import finish_wandb_run, keep_wandb_files_in_run_dir
 
@@ -57,7 +59,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_info})
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        checkpoint = resume_path(cfg.ckpt_path, trainer)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+        # A fresh run that took no step. Not `global_step`: under ddp_spawn the steps are taken
+        # in other processes, and only their logged metrics come back.
+        if checkpoint is None and "train/loss" not in trainer.callback_metrics and trainer.max_steps != 0:
+            raise RuntimeError(
+                f"trained 0 steps (trainer.max_epochs={trainer.max_epochs}, limit_train_batches="
+                f"{trainer.limit_train_batches}); no untrained adapter is exported (trainer.max_steps=0 asks for one)"
+            )
         trainer.validate(module, datamodule=datamodule)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
@@ -70,7 +80,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with mistakes_reported("conftrl.train", ConfigError):
+    mistakes = (ConfigError, CheckpointError, CheckpointMismatchError, DiskFullError, *INPUT_ERRORS)
+    with mistakes_reported("conftrl.train", *mistakes):
         metrics = train(cfg)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 

@@ -30,6 +30,6 @@ scene      list[dict]                  ShapesWorld only: JSON-able scene descrip
 """
 
 from datamodules.datamodule import ControlDataModule, FolderDataModule, ShapesWorldDataModule
-from datamodules.errors import BadSampleError
+from datamodules.errors import BadSampleError, EmptySplitError
 
-__all__ = ["BadSampleError", "ControlDataModule", "FolderDataModule", "ShapesWorldDataModule"]
+__all__ = ["BadSampleError", "ControlDataModule", "EmptySplitError", "FolderDataModule", "ShapesWorldDataModule"]

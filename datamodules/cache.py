@@ -4,18 +4,24 @@ An entry's key hashes the source file's identity (resolved path, size, modificat
 and the annotator's parameters, so editing the file or changing a parameter misses, while
 rerunning the same configuration hits. Entries are written atomically (temporary file,
 then rename), so dataloader workers may share a directory, and read with
-``allow_pickle=False``: a cache directory never executes code.
+``allow_pickle=False``: a cache directory never executes code. An entry that cannot be read
+(empty, cut short, pickled) is computed again and replaced, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+
+from conftrl.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 class AnnotationCache:
@@ -38,12 +44,13 @@ class AnnotationCache:
         key = self.key(path, params)
         entry = self.directory / key[:2] / f"{key}.npy"
         if entry.exists():
-            self.hits += 1
-            return np.load(entry, allow_pickle=False)
+            try:
+                array = np.load(entry, allow_pickle=False)
+                self.hits += 1
+                return array
+            except (OSError, ValueError, EOFError) as err:  # empty, cut short, pickled: recompute
+                log.warning("annotation cache entry %s is unreadable (%s); computing it again", entry, err)
         self.misses += 1
         array = np.asarray(compute())
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        partial = entry.with_name(f"{entry.stem}.{os.getpid()}.partial.npy")
-        np.save(partial, array, allow_pickle=False)
-        os.replace(partial, entry)
+        atomic_write(entry, lambda file: np.save(file, array, allow_pickle=False))
         return array

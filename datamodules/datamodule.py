@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, collate, seed_worker
+from datamodules.errors import EmptySplitError
 from datamodules.folders import FORMATS, FolderSource, index_folder, split_records
 from datamodules.shapesworld import ShapesWorld, WorldSpec
 from datamodules.transforms import CROPS, PairedTransform
@@ -71,13 +72,22 @@ class ControlDataModule(L.LightningDataModule):
         """The samples of `split` ("train", "val" or "test") as a sequence of dicts."""
         raise NotImplementedError
 
+    def split_settings(self) -> str:
+        """The settings that sized the splits, for messages."""
+        return ""
+
     def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of `stage`. Its own split (train to fit, val to validate, test to
+        test) must hold samples; fit's validation split is empty only when configured so."""
         for split in _STAGE_SPLITS[stage]:
             if split in self.datasets:
                 continue
             train = split == "train"
+            source = self.make_source(split)
+            if len(source) == 0 and stage is not None and split == _STAGE_SPLITS[stage][0]:
+                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
             self.datasets[split] = ControlDataset(
-                self.make_source(split),
+                source,
                 self.annotator,
                 self.train_transform if train else self.eval_transform,
                 seed=self.seed,
@@ -143,6 +153,9 @@ class ShapesWorldDataModule(ControlDataModule):
                 f"so {type(annotator).__name__} cannot annotate it"
             )
 
+    def split_settings(self) -> str:
+        return f" (num_train={self.lengths['train']}, num_val={self.lengths['val']}, num_test={self.lengths['test']})"
+
     def make_source(self, split: str) -> ShapesWorld:
         return ShapesWorld(split, self.lengths[split], self.resolution, self.seed, self.spec)
 
@@ -170,6 +183,9 @@ class FolderDataModule(ControlDataModule):
         self.root, self.format = root, format
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self._splits = None
+
+    def split_settings(self) -> str:
+        return f" in {self.root} (val_fraction={self.val_fraction}, test_fraction={self.test_fraction})"
 
     def make_source(self, split: str) -> FolderSource:
         if self._splits is None:

@@ -1,4 +1,4 @@
-"""The one exception the data pipeline raises for bad input."""
+"""The exceptions the data pipeline raises for bad input: a bad sample, an empty split."""
 
 
 class BadSampleError(ValueError):
@@ -13,3 +13,7 @@ class BadSampleError(ValueError):
         super().__init__(f"{where}: {problem}")
         self.where = str(where)
         self.problem = problem
+
+
+class EmptySplitError(ValueError):
+    """A split that a stage needs (train and val to fit, test to test) has no samples."""

@@ -26,11 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.decode import probe_image, read_depth, read_labels, read_rgb
-from datamodules.errors import BadSampleError
+from datamodules.errors import BadSampleError, EmptySplitError
 from datamodules.transforms import fit_to_image
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Record:
     depth: Path | None = None
     labels: Path | None = None
     problem: str | None = None
+    listed_at: str | None = None  # "<listing>, line <n>" for listed samples
 
 
 def detect_format(root: Path) -> str:
@@ -110,16 +112,38 @@ def index_folder(
     return good
 
 
+def _position(record: Record) -> float:
+    """Where a sample's key hashes to in [0, 1): its split does not move as files are added."""
+    return int(hashlib.sha1(record.key.encode()).hexdigest()[:8], 16) / 16**8
+
+
 def split_records(records: list[Record], val_fraction: float, test_fraction: float) -> dict[str, list[Record]]:
-    """Assign each sample to train/val/test by a hash of its key: stable as files are added."""
+    """Assign each sample to train/val/test by a hash of its key: stable as files are added.
+
+    A split with a positive share (train always) gets at least one sample: in a small folder
+    the hash can leave one empty, and then the sample nearest its band moves over from the
+    largest split. Too few samples for that is an `EmptySplitError`.
+    """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val_fraction}, {test_fraction}")
-    splits = {"train": [], "val": [], "test": []}
-    for record in records:
-        position = int(hashlib.sha1(record.key.encode()).hexdigest()[:8], 16) / 16**8
-        split = "test" if position < test_fraction else "val" if position < test_fraction + val_fraction else "train"
-        splits[split].append(record)
-    return splits
+    val_end = test_fraction + val_fraction
+    bands = {"test": (0.0, test_fraction), "val": (test_fraction, val_end), "train": (val_end, 1.0)}
+    splits = {name: [r for r in records if low <= _position(r) < high] for name, (low, high) in bands.items()}
+    wanted = [name for name, (low, high) in bands.items() if high > low]
+    if len(records) < len(wanted):
+        raise EmptySplitError(
+            f"{len(records)} sample(s) cannot fill the {', '.join(wanted)} splits "
+            f"(val_fraction={val_fraction}, test_fraction={test_fraction}): add samples"
+        )
+    for name in wanted:
+        if not splits[name]:
+            low, high = bands[name]
+            donor = max(splits.values(), key=len)
+            nearest = min(donor, key=lambda r: max(low - _position(r), _position(r) - high))
+            donor.remove(nearest)
+            splits[name].append(nearest)
+            log.info("the %s split was empty; it takes %s", name, nearest.key)
+    return {name: splits[name] for name in ("train", "val", "test")}
 
 
 class FolderSource:
@@ -133,16 +157,33 @@ class FolderSource:
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        image = read_rgb(record.image)
-        sample = {"image": image, "caption": record.caption, "key": record.key, "path": record.image}
-        map_path = getattr(record, self.source_map) if self.source_map else None
-        if map_path is not None:
-            read, nearest = _READERS[self.source_map]
-            sample[self.source_map] = fit_to_image(read(map_path), image.shape, nearest, where=map_path)
+        with _naming_the_listing(record):
+            image = read_rgb(record.image)
+            sample = {"image": image, "caption": record.caption, "key": record.key, "path": record.image}
+            map_path = getattr(record, self.source_map) if self.source_map else None
+            if map_path is not None:
+                read, nearest = _READERS[self.source_map]
+                sample[self.source_map] = fit_to_image(read(map_path), image.shape, nearest, where=map_path)
         return sample
 
 
+@contextmanager
+def _naming_the_listing(record: Record):
+    """A file's problem also names the listing line that lists the file."""
+    try:
+        yield
+    except BadSampleError as err:
+        if record.listed_at is None or record.listed_at in err.where:
+            raise
+        raise BadSampleError(f"{err.where} (listed at {record.listed_at})", err.problem) from err
+
+
 def _check(record: Record, source_map: str | None, map_required: bool) -> None:
+    with _naming_the_listing(record):
+        _check_files(record, source_map, map_required)
+
+
+def _check_files(record: Record, source_map: str | None, map_required: bool) -> None:
     if record.problem:
         raise BadSampleError(record.key, record.problem)
     probe_image(record.image)
@@ -172,11 +213,17 @@ def _list_controlnet(root: Path) -> list[Record]:
 
 
 def _list_json_lines(listing: Path, image_key: str, caption_key: str, control_key: str) -> list[Record]:
+    """One record per line; a line that cannot be a sample is a record with its `problem`."""
     records = []
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(listing.read_bytes().splitlines(), start=1):
+        where = f"{listing}, line {number}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark is no content
+        except UnicodeDecodeError as err:
+            records.append(Record(where, None, None, problem=f"not UTF-8 text ({err})"))
+            continue
         if not line.strip():
             continue
-        where = f"{listing}, line {number}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
@@ -185,11 +232,25 @@ def _list_json_lines(listing: Path, image_key: str, caption_key: str, control_ke
         if not isinstance(entry, dict) or image_key not in entry or caption_key not in entry:
             records.append(Record(where, None, None, problem=f"needs keys {image_key!r} and {caption_key!r}"))
             continue
+        if problem := _listing_problem(entry, image_key, caption_key, control_key):
+            records.append(Record(where, None, None, problem=problem))
+            continue
         image = listing.parent / entry[image_key]
-        caption = entry[caption_key] if isinstance(entry[caption_key], str) else None
         control = listing.parent / entry[control_key] if entry.get(control_key) else None
-        records.append(Record(str(entry[image_key]), image, caption, control, *_maps_beside(image)))
+        caption = entry[caption_key]
+        records.append(Record(entry[image_key], image, caption, control, *_maps_beside(image), listed_at=where))
     return records
+
+
+def _listing_problem(entry: dict, image_key: str, caption_key: str, control_key: str) -> str | None:
+    """What makes a listing entry's values unusable: paths must be non-empty strings, the caption a string."""
+    for key in (image_key, control_key):
+        value = entry.get(key)
+        if (key == image_key or value is not None) and not (isinstance(value, str) and (value or key == control_key)):
+            return f"{key!r} must be a file path (a non-empty string), got {json.dumps(value)}"
+    if not isinstance(entry[caption_key], (str, type(None))):
+        return f"{caption_key!r} must be a string, got {json.dumps(entry[caption_key])}"
+    return None
 
 
 def _list_txt(root: Path) -> list[Record]:

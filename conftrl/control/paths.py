@@ -184,9 +184,9 @@ def build_control_path(kind: str, unet, vae_scale_factor: int) -> nn.Module:
 def load_control_path(directory: Path, unet) -> nn.Module:
     """The control path saved in an adapter folder by `save`."""
     if (directory / ControlNetControl.folder).is_dir():
-        return ControlNetControl(ControlNetModel.from_pretrained(directory / ControlNetControl.folder))
+        return ControlNetControl(ControlNetModel.from_pretrained(directory / ControlNetControl.folder, use_safetensors=True))
     if (directory / EncoderControl.folder).is_dir():
-        return EncoderControl(ControlEncoder.from_pretrained(directory / EncoderControl.folder), unet)
+        return EncoderControl(ControlEncoder.from_pretrained(directory / EncoderControl.folder, use_safetensors=True), unet)
     raise FileNotFoundError(
         f"{str(directory)!r} holds no control path ({EncoderControl.folder}/ or {ControlNetControl.folder}/)"
     )

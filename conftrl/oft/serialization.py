@@ -16,8 +16,6 @@ Only safetensors are read: a pickle can run arbitrary code on load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -25,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
+from conftrl.atomic import atomic_write
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.legacy import seed_config_values
 
@@ -43,18 +42,6 @@ _FORMATS = {
     "input": "PEFT >= 0.14's format (the config has oft_block_size; keys oft_R.weight)",
     "output": "PEFT 0.7-0.13's format (the config has no oft_block_size; keys oft_r)",
 }
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _rotation_sign(config: OFTConfig) -> float:
@@ -98,11 +85,11 @@ def save_adapter(wrapped: "OFTModel", adapter_name: str, directory: Path) -> Pat
     state = adapter_state(wrapped, adapter_name)
     seed_format = config.rotation_side == "output"
     metadata = {"format": "pt"} if seed_format else {"format": "pt", _EPS_METADATA: repr(config.eps)}
-    _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(directory / "adapter_model.safetensors", lambda file: file.write(save(state, metadata=metadata)))
     # Defaults resolved from the architecture are written out: PEFT has other defaults.
     targets = wrapped.resolve_targets(config)
     values = seed_config_values(config, targets) if seed_format else _current_config_values(wrapped, adapter_name, targets)
-    _atomic_write(directory / "adapter_config.json", lambda tmp: _write_json(tmp, values))
+    atomic_write(directory / "adapter_config.json", lambda file: _write_json(file, values))
     return directory
 
 
@@ -117,8 +104,8 @@ def _current_config_values(wrapped: "OFTModel", adapter_name: str, targets: Any)
     return values
 
 
-def _write_json(path: str, values: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+def _write_json(file, values: dict[str, Any]) -> None:
+    file.write((json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_config(directory: Path) -> tuple[OFTConfig, dict[str, Any]]:

@@ -11,13 +11,14 @@ one, never a mix. No pickle is involved anywhere.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from conftrl.atomic import atomic_write
 
 _HEADER_KEY = "conftrl.state"
 
@@ -45,23 +46,23 @@ def _join(node: dict, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` through a sibling temporary file, fsync and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `state` to `path` atomically (`conftrl.atomic.atomic_write`)."""
     tensors: dict[str, torch.Tensor] = {}
     header = json.dumps(_split(state, "state", tensors))
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, temporary, metadata={_HEADER_KEY: header})
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda file: file.write(save(tensors, metadata={_HEADER_KEY: header})))
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back: empty, truncated, or not one of ours."""
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """The state saved by :func:`save_checkpoint`, tensors on the CPU."""
-    with safe_open(str(path), framework="pt") as file:
-        header = json.loads(file.metadata()[_HEADER_KEY])
-    return _join(header, load_file(str(path)))
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = json.loads((file.metadata() or {})[_HEADER_KEY])
+        return _join(header, load_file(str(path)))
+    except (SafetensorError, KeyError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise DamagedCheckpointError(
+            f"checkpoint {path} is damaged ({type(error).__name__}: {error}); delete it to start the run over"
+        ) from error

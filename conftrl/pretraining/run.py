@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
+from conftrl.atomic import atomic_write, replace_folder
 from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
 from conftrl.metrics.scene import SceneScorer
 from conftrl.pretraining.checkpoint import load_checkpoint, save_checkpoint
@@ -68,7 +69,7 @@ class PretrainRun:
             staging = self.out / ".tokenizer.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             built.save_pretrained(staging)
-            staging.replace(directory)
+            replace_folder(staging, directory)
         return CLIPTokenizer.from_pretrained(directory)
 
     @property
@@ -202,16 +203,11 @@ class PretrainRun:
 
     def export(self) -> Path:
         """Write the diffusers folder (EMA weights) by swapping in a complete new copy."""
-        target, staging, old = self.out / "tiny-sd", self.out / ".tiny-sd.tmp", self.out / ".tiny-sd.old"
-        for leftover in (staging, old):
-            shutil.rmtree(leftover, ignore_errors=True)
+        staging = self.out / ".tiny-sd.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
         with self.optimisation.averaged_weights():
             self.pipe.save_pretrained(staging)
-        if target.exists():
-            target.replace(old)
-        staging.replace(target)
-        shutil.rmtree(old, ignore_errors=True)
-        return target
+        return replace_folder(staging, self.out / "tiny-sd")
 
     def record(self) -> dict:
         scene = self.progress["metrics"].get("scene", {})
@@ -236,11 +232,7 @@ class PretrainRun:
 
     def write_record(self) -> dict:
         record = self.record()
-        path = self.out / "pretrain_record.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(record, indent=2) + "\n")
-        temporary.replace(path)
+        atomic_write(self.out / "pretrain_record.json", lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
         return record
 
     # --- the whole run --------------------------------------------------------------------

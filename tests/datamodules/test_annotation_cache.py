@@ -85,3 +85,20 @@ def test_samples_without_a_file_are_estimated_every_time(tmp_path, photo):
     for _ in range(2):
         annotator.prepare({"image": photo(16, 16), "key": "shapesworld/train/0"})
     assert estimator.calls == 2 and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short", "pickled"])
+def test_an_unreadable_entry_is_computed_again_and_replaced(tmp_path, image_file, caplog, damage):
+    cache = AnnotationCache(tmp_path / "cache")
+    expected = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cache.get_or_compute(image_file, {"p": 1}, lambda: expected)
+    (entry,) = (tmp_path / "cache").rglob("*.npy")
+    if damage == "pickled":
+        np.save(entry, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        entry.write_bytes(b"" if damage == "empty" else entry.read_bytes()[:-8])
+    with caplog.at_level("WARNING"):
+        again = cache.get_or_compute(image_file, {"p": 1}, lambda: expected)
+    np.testing.assert_array_equal(again, expected)
+    assert f"annotation cache entry {entry} is unreadable" in caplog.text
+    np.testing.assert_array_equal(np.load(entry, allow_pickle=False), expected)  # replaced

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datamodules_support import make_photo, write_rgb
 
-from datamodules import BadSampleError, FolderDataModule
+from datamodules import BadSampleError, EmptySplitError, FolderDataModule
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl, SegmentationAnnotator
 
 
@@ -140,23 +140,46 @@ def test_truncated_file_is_substituted_under_skip_and_logged(txt_folder, caplog)
     assert "img_0.jpg" in caplog.text and "1 substituted" in caplog.text
 
 
-@pytest.mark.parametrize("problem", ["missing file", "missing key", "not json", "empty caption", "missing caption"])
+BAD_LISTING_LINES = {
+    "missing file": (json.dumps({"file_name": "images/absent.png", "text": "gone"}), r"absent.png \(listed at .*metadata.jsonl, line 5\): not a readable image"),
+    "missing key": (json.dumps({"file_name": "images/0.png"}), "line 5: needs keys"),
+    "not json": ("{file_name: images/0.png", "line 5: not valid JSON"),
+    "empty caption": (json.dumps({"file_name": "images/0.png", "text": " "}), r"0.png \(listed at .*line 5\): missing or empty caption"),
+    "missing caption": (json.dumps({"file_name": "images/0.png", "text": None}), r"0.png \(listed at .*line 5\): missing or empty caption"),
+    "file_name null": (json.dumps({"file_name": None, "text": "x"}), "line 5: 'file_name' must be a file path .*got null"),
+    "file_name number": (json.dumps({"file_name": 7, "text": "x"}), "line 5: 'file_name' must be a file path .*got 7"),
+    "file_name empty": (json.dumps({"file_name": "", "text": "x"}), "line 5: 'file_name' must be a file path .*got \"\""),
+    "file_name list": (json.dumps({"file_name": ["a.png"], "text": "x"}), "line 5: 'file_name' must be a file path"),
+    "control number": (json.dumps({"file_name": "images/0.png", "text": "x", "conditioning_image": 3}), "line 5: 'conditioning_image' must be a file path .*got 3"),
+    "caption number": (json.dumps({"file_name": "images/0.png", "text": 42}), "line 5: 'text' must be a string, got 42"),
+    "not utf-8": ('{"file_name": "images/0.png", "text": "caf\xe9"}'.encode("latin-1"), "line 5: not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("problem", BAD_LISTING_LINES)
 def test_bad_listings_fail_setup_or_are_skipped(imagefolder, caplog, problem):
-    lines = imagefolder.joinpath("metadata.jsonl").read_text().splitlines()
-    bad = {
-        "missing file": json.dumps({"file_name": "images/absent.png", "text": "gone"}),
-        "missing key": json.dumps({"file_name": "images/0.png"}),
-        "not json": "{file_name: images/0.png",
-        "empty caption": json.dumps({"file_name": "images/0.png", "text": " "}),
-        "missing caption": json.dumps({"file_name": "images/0.png", "text": None}),
-    }[problem]
-    imagefolder.joinpath("metadata.jsonl").write_text("\n".join([*lines, bad]) + "\n")
-    expected = {"missing file": "absent.png", "missing key": "line 5: needs keys", "not json": "line 5: not valid JSON"}
-    with pytest.raises(BadSampleError, match=expected.get(problem, "0.png: missing or empty caption")):
+    bad, expected = BAD_LISTING_LINES[problem]
+    listing = imagefolder / "metadata.jsonl"
+    listing.write_bytes(listing.read_bytes() + (bad if isinstance(bad, bytes) else bad.encode()) + b"\n")
+    with pytest.raises(BadSampleError, match=expected):
         load_all(imagefolder)
     with caplog.at_level(logging.WARNING):
         assert len(keys(load_all(imagefolder, on_bad_sample="skip"))) == 4
     assert "skipped 1 of 5 samples" in caplog.text
+
+
+def test_a_listing_with_a_byte_order_mark_reads_as_without(imagefolder):
+    """Editors on Windows start UTF-8 files with a BOM, which is no part of the first line's JSON."""
+    listing = imagefolder / "metadata.jsonl"
+    listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes())
+    assert keys(load_all(imagefolder)) == [f"images/{i}.png" for i in range(4)]
+
+
+def test_a_file_that_fails_to_decode_names_its_listing_line(imagefolder):
+    image = imagefolder / "images" / "2.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # header intact: fails at load
+    with pytest.raises(BadSampleError, match=r"images/2.png \(listed at .*metadata.jsonl, line 3\)"):
+        load_all(imagefolder)
 
 
 def test_image_without_caption_file(txt_folder):
@@ -169,7 +192,7 @@ def test_image_without_caption_file(txt_folder):
 def test_control_of_another_aspect_ratio_is_bad_same_aspect_is_resized(imagefolder):
     cv2.imwrite(str(imagefolder / "conditioning" / "1.png"), np.zeros((32, 48, 3), np.uint8))  # half size
     cv2.imwrite(str(imagefolder / "conditioning" / "2.png"), np.zeros((50, 50, 3), np.uint8))  # square
-    with pytest.raises(BadSampleError, match="conditioning/2.png: map of size 50×50 does not match image 96×64"):
+    with pytest.raises(BadSampleError, match=r"conditioning/2.png \(listed at .*line 3\): map of size 50×50 does not match image 96×64"):
         load_all(imagefolder, PrecomputedControl(), batch_size=4)
     loaded = keys(load_all(imagefolder, PrecomputedControl(), batch_size=4, on_bad_sample="skip"))
     assert "images/2.png" not in loaded and "images/1.png" in loaded
@@ -225,3 +248,45 @@ def test_a_folder_that_fails_to_decode_throughout_stops_with_a_clear_error(txt_f
         image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])  # headers intact, data cut
     with pytest.raises(RuntimeError, match="6 consecutive bad samples"):
         load_all(txt_folder, on_bad_sample="skip")
+
+
+def small_folder(root, count: int):
+    for i in range(count):
+        write_rgb(root / f"img_{i}.jpg", np.full((8, 8, 3), 10 * i, np.uint8))
+        (root / f"img_{i}.txt").write_text(f"photo {i}")
+    return root
+
+
+def split_sizes(root, **settings) -> dict[str, int]:
+    datamodule = FolderDataModule(CannyAnnotator(), str(root), resolution=8, **settings)
+    datamodule.setup("fit")
+    return {name: len(dataset) for name, dataset in datamodule.datasets.items()}
+
+
+def test_two_images_mostly_for_validation_still_train(tmp_path):
+    """Both keys hash into the 90 % val band: the hash alone would leave nothing to train on."""
+    for i in range(2):
+        write_rgb(tmp_path / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
+        (tmp_path / f"{i}.txt").write_text("x")
+    assert split_sizes(tmp_path, val_fraction=0.9) == {"train": 1, "val": 1}
+
+
+def test_nine_images_at_the_default_share_get_a_validation_image(tmp_path):
+    """None of the nine keys hashes into the 5 % band; validation needs one all the same."""
+    sizes = split_sizes(small_folder(tmp_path, 9))
+    assert sizes == {"train": 8, "val": 1}
+    assert split_sizes(tmp_path, val_fraction=0.0) == {"train": 9, "val": 0}  # none asked for, none made
+
+
+def test_too_few_images_for_the_asked_splits_is_a_clear_error(tmp_path):
+    with pytest.raises(EmptySplitError, match="1 sample.* cannot fill the val, train splits .*val_fraction=0.05"):
+        split_sizes(small_folder(tmp_path, 1))
+    with pytest.raises(EmptySplitError, match="2 sample.* cannot fill the test, val, train splits"):
+        split_sizes(small_folder(tmp_path, 2), test_fraction=0.1)
+
+
+def test_a_stage_whose_split_is_empty_is_an_error(tmp_path):
+    """`conftrl.evaluate split=test` of a run without a test split."""
+    datamodule = FolderDataModule(CannyAnnotator(), str(small_folder(tmp_path, 4)), resolution=8)
+    with pytest.raises(EmptySplitError, match=f"the test split is empty in {tmp_path} .*test_fraction=0.0"):
+        datamodule.setup("test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftrl.pretraining.checkpoint import load_checkpoint, save_checkpoint
+from conftrl.pretraining.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_optimizer_state_round_trips_with_integer_keys_and_scalars(tmp_path):
@@ -35,3 +35,18 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
         save_checkpoint({"step": 2, "bad": object()}, path)  # not JSON-serialisable
     assert load_checkpoint(path) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "another file"])
+def test_a_damaged_checkpoint_is_named(tmp_path, damage):
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint({"step": 1, "weights": torch.ones(100)}, path)
+    data = path.read_bytes()
+    if damage == "another file":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.ones(2)}, path)  # safetensors, but no conftrl state in its header
+    else:
+        path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with pytest.raises(DamagedCheckpointError, match=f"checkpoint {path} is damaged"):
+        load_checkpoint(path)

@@ -27,7 +27,7 @@ def test_two_process_ddp_keeps_the_replicas_identical(tiny_base, tmp_path):
         "+callbacks.replicas._target_=replicas.SaveTrainableState", f"+callbacks.replicas.directory={probes}",
         cwd=tmp_path, PYTHONPATH=str(Path(__file__).parent),
     )
-    ranks = [torch.load(probes / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(probes / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["step"] for r in ranks] == [3, 3]
     first, second = (r["state"] for r in ranks)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

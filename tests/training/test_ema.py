@@ -53,7 +53,7 @@ def test_exported_adapter_holds_the_average(make_config, tmp_path):
     cfg = make_config("experiment=canny_coft", "callbacks=[default,ema]", "callbacks.ema.decay=0.5",
                       "callbacks.model_checkpoint.every_n_train_steps=2")
     train(cfg)
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     average = next(state for name, state in checkpoint["callbacks"].items() if name.startswith("EMA"))["average"]
     assert set(average) == set(checkpoint["state_dict"])  # trainable weights only
     exported = load_adapter(cfg.export_dir).control.encoder.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import cv2
@@ -11,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_config
+from omegaconf import OmegaConf
 
 from conftrl.evaluate import evaluate
 from conftrl.evaluation import fidelity_ceiling
 from conftrl.fidelity import FIDELITY_SCORERS
+from datamodules import EmptySplitError
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def test_markdown_table_and_sample_grid(evaluated):
 def test_trainable_parameters_match_the_trained_module(trained_run, evaluated):
     import torch
 
-    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert evaluated[0]["trainable_parameters"] == sum(t.numel() for t in checkpoint["state_dict"].values())
 
 
@@ -88,3 +91,15 @@ def test_ceiling_is_the_score_of_real_images_through_the_vae(trained_run):
     assert fidelity_ceiling(items, score, 2, FakeVAE())["edge_f1"] == pytest.approx(1.0, abs=1e-3)  # a lossless trip
     blurred = fidelity_ceiling(items, score, 2, FakeVAE(blur=1))
     assert blurred["edge_f1"] < 0.9 and blurred["edge_f1_tol1"] > blurred["edge_f1"]
+
+
+def test_evaluating_an_empty_split_names_it(trained_run, tmp_path):
+    """A run without a test split (a folder's default test_fraction=0): a clear error, not an IndexError."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run / "adapter", adapter)
+    config = OmegaConf.load(adapter / "conftrl.yaml")
+    config.data.num_test = 0
+    OmegaConf.save(config, adapter / "conftrl.yaml")
+    cfg = compose_config("cli/evaluate", [f"adapter={adapter}", "split=test", "num_images=2", "steps=1"], tmp_path / "out")
+    with pytest.raises(EmptySplitError, match=r"the test split is empty \(num_train=4, num_val=4, num_test=0\)"):
+        evaluate(cfg)

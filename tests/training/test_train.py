@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftrl.checkpointing import CheckpointError
 from conftrl.export import load_adapter
 from conftrl.module import CheckpointMismatchError, ControlModule, NonFiniteLossError
 from conftrl.run_logs import logged_metrics
@@ -59,7 +61,7 @@ def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(make_confi
     train(straight)
     interrupted = make_config(*common, "trainer.max_steps=2", output_dir=tmp_path / "resumed")
     train(interrupted)
-    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all("oft_R" in k or k.startswith("control.") for k in checkpoint["state_dict"])
     resumed = make_config(*common, "trainer.max_steps=4", "ckpt_path=last", output_dir=tmp_path / "resumed")
     train(resumed)
@@ -80,8 +82,51 @@ def test_checkpoint_of_another_method_is_refused(make_config, tmp_path):
 def test_corrupt_checkpoint_is_refused(make_config, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x80\x02 truncated")
-    with pytest.raises(Exception, match="bad.ckpt|pickle|load|zip"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad} is damaged"):
         train(make_config("experiment=canny_coft", f"ckpt_path={bad}"))
+
+
+@pytest.mark.parametrize("leftover", ["nothing", "dangling last.ckpt"])
+def test_resume_with_nothing_to_resume_fails_and_says_where_it_looked(make_config, tmp_path, leftover):
+    """Lightning would warn and train from step 0; a forgotten hydra.run.dir looks just like that."""
+    if leftover == "dangling last.ckpt":
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").symlink_to("step_000002.ckpt")
+    with pytest.raises(CheckpointError, match=f"ckpt_path=last: .*{tmp_path / 'checkpoints'}"):
+        train(make_config("experiment=canny_coft", "ckpt_path=last"))
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "cpu_long", "gpu", "ddp"])
+def test_a_killed_default_run_has_a_checkpoint_to_resume(compose_train, tmp_path, trainer):
+    """A checkpoint before the run's end: the first must not fall on its last step."""
+    cfg = compose_train(["experiment=canny_coft", f"trainer={trainer}"], tmp_path)
+    cadence = cfg.callbacks.model_checkpoint.every_n_train_steps
+    assert 0 < cadence < cfg.trainer.max_steps
+    assert cfg.callbacks.model_checkpoint.save_top_k >= 2  # one from before a divergence survives
+
+
+@pytest.mark.parametrize("setting", ["trainer.max_epochs=0", "+trainer.limit_train_batches=0"])
+def test_zero_training_steps_is_an_error(make_config, tmp_path, setting):
+    with pytest.raises(RuntimeError, match=f"trained 0 steps .*{setting.lstrip('+').removeprefix('trainer.')}"):
+        train(make_config("experiment=canny_coft", "trainer.max_steps=-1", setting))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_divergence_names_a_checkpoint_that_trains_on(make_config, tmp_path):
+    """At lr 1e8 the weights after step k are finite but give a NaN loss at step k: the
+    checkpoint saved at step k holds them. The named one must train on without NaN."""
+    diverging = ["experiment=canny_coft", "method.lr=1e8", "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.max_steps=8"]
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as raised:
+        train(make_config(*diverging))
+    failing_step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
+    named = re.search(r"Last good checkpoint: (\S+?\.ckpt)", str(raised.value))
+    assert named, raised.value
+    path = Path(named.group(1))
+    step = torch.load(path, weights_only=True)["global_step"]
+    assert step < failing_step and f"(step {step})" in str(raised.value)
+    # One more step from the named checkpoint computes the loss of its weights: finite.
+    train(make_config(*diverging, f"ckpt_path={path}", f"trainer.max_steps={step + 1}", output_dir=tmp_path / "resumed"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, tmp_path, monkeypatch):
@@ -95,6 +140,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, t
     cfg = make_config("experiment=canny_coft", "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=6")
     with pytest.raises(NonFiniteLossError, match="step 3.*step_000002.ckpt"):
         train(cfg)
-    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+
+
+def test_a_two_image_folder_trains_and_validates(tiny_base, tmp_path):
+    """2 images at val_fraction=0.9 both hash into validation: the run used to take 0 steps,
+    exit 0 and export the untrained adapter. Now one trains, one validates."""
+    import cv2
+    import numpy as np
+    from conftest import FAST, compose_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        image = np.zeros((32, 32, 3), np.uint8)
+        cv2.circle(image, (16, 16), 6 + 4 * i, (255, 255, 255), -1)
+        cv2.imwrite(str(data / f"{i}.png"), image)
+        (data / f"{i}.txt").write_text(f"circle {i}")
+    fast = [o for o in FAST if not o.startswith("data.num_")]
+    overrides = [f"model.path={tiny_base}", *fast, "experiment=canny_coft", "data=folder", f"data.root={data}",
+                 "data.val_fraction=0.9", "data.num_workers=0", "data.batch_size=1"]
+    metrics = train(compose_config("train", overrides, tmp_path / "run"))
+    assert "val/loss" in metrics
+    assert sorted(losses(tmp_path / "run")) == [0, 1]  # max_steps=2 taken on the one training image
+    assert load_adapter(tmp_path / "run" / "adapter").method.name == "coft"
