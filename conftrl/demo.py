@@ -16,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from conftrl.commands import mistakes_reported
@@ -52,7 +51,7 @@ class Demo:
 
     def __init__(self, adapter: TrainedAdapter, max_side: int = 4096):
         self.adapter, self.max_side = adapter, max_side
-        self.annotator = instantiate(adapter.config.control)
+        self.annotator = adapter.build("control")
         self.resolution = int(adapter.config.data.resolution)
 
     def control(self, image_path: str | None, drawing: dict | None, annotate: str) -> np.ndarray:
