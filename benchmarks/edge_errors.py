@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     adapter = load_adapter(args.adapter)
-    items = split_items(adapter.config.data, "val", args.num_images)
+    items = split_items(adapter.build("data"), "val", args.num_images)
     rows = {
         "samples": fidelity(adapter.sample, items, edge_error_scores, args.batch_size),
         "real images through the VAE": fidelity_ceiling(items, edge_error_scores, args.batch_size, adapter.base.vae),

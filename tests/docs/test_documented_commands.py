@@ -37,6 +37,8 @@ NOT_RUN = {
     "make test": "the test suite itself (CI runs it)",
     "make test-fast": "the test suite itself, less its slow tests",
     "make train": "installs, then runs `python -m conftrl.train experiment=canny_coft`, which runs here",
+    "make demo": "installs, then serves `python -m conftrl.demo`, which runs here",
+    "make install": "installs into the repository's .venv, which CI's `make test` does first",
     "wandb sync": "uploads to W&B's servers: needs a network and an account",
     "python benchmarks/table2.py": "hours of training; tests/benchmarks/test_table2.py runs it on a tiny budget",
     "python benchmarks/train_step.py": "builds SD-1.5-sized models; tests/benchmarks/test_train_step.py runs it on tiny ones",
