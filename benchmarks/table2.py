@@ -93,6 +93,7 @@ REACHED = 0.9
 ENERGY_CHANGE = "he/rel_change_total"
 PLAN_FILE = "plan.json"
 WALL_TIME_FILE = "wall_time.json"  # in a run's directory: each finished training call's steps and seconds
+FAILED_FILE = "failed.json"  # in a run's directory: its training call that failed (a diverged loss), not retried
 
 
 @dataclass(frozen=True)
@@ -225,12 +226,16 @@ def stop_reason(curve: dict[int, float], schedule: Schedule) -> str | None:
     return None
 
 
-def seconds_per_step(run: Run, out: Path) -> float | None:
-    """The wall time of the run's finished training calls over the steps they trained."""
+def pace(run: Run, out: Path) -> dict:
+    """The wall time of the run's finished training calls over the steps they trained, and the
+    OMP_NUM_THREADS each call's process was given (None: torch's default)."""
     path = run.directory(out) / WALL_TIME_FILE
-    calls = json.loads(path.read_text()) if path.is_file() else []
+    calls = [call for call in (json.loads(path.read_text()) if path.is_file() else []) if call["to"] > call["from"]]
     steps = sum(call["to"] - call["from"] for call in calls)
-    return sum(call["seconds"] for call in calls) / steps if steps > 0 else None
+    return {
+        "seconds_per_step": sum(call["seconds"] for call in calls) / steps if steps else None,
+        "threads": sorted({str(call["threads"]) for call in calls}),
+    }
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -274,13 +279,30 @@ def train_command(run: Run, out: Path, plan: Plan, steps: int) -> list[str]:
     ]
 
 
+def failure(run: Run, out: Path) -> dict | None:
+    path = run.directory(out) / FAILED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def train(run: Run, out: Path, plan: Plan, steps: int) -> None:
-    """Train `run` to `steps` and record the call's wall time (written atomically)."""
+    """Train `run` to `steps` and record the call's wall time (written atomically). A call that
+    exits with an error (`conftrl.train` stops on a non-finite loss) marks the run failed, and the
+    table goes on without it; one killed by a signal stops the table (a rerun resumes it)."""
     start_steps, started = trained_steps(run, out, plan.schedule), time.monotonic()
-    subprocess.run(train_command(run, out, plan, steps), check=True)
+    called = subprocess.run(train_command(run, out, plan, steps))
+    if called.returncode < 0:
+        raise subprocess.CalledProcessError(called.returncode, called.args)
+    if called.returncode > 0:
+        marker = run.directory(out) / FAILED_FILE
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"from": start_steps, "to": steps, "returncode": called.returncode}) + "\n")
+        print(f"table2: training {run.name} to {steps} steps failed (exit {called.returncode}; its log is in "
+              f"{run.directory(out)}); delete {marker} to try again", file=sys.stderr)
+        return
     path = run.directory(out) / WALL_TIME_FILE
     calls = json.loads(path.read_text()) if path.is_file() else []
-    calls.append({"from": start_steps, "to": steps, "seconds": round(time.monotonic() - started, 1)})
+    seconds = round(time.monotonic() - started, 1)
+    calls.append({"from": start_steps, "to": steps, "seconds": seconds, "threads": os.environ.get("OMP_NUM_THREADS")})
     path.with_suffix(".tmp").write_text(json.dumps(calls, indent=1) + "\n")
     path.with_suffix(".tmp").replace(path)
 
@@ -291,23 +313,32 @@ def sweep_runs(task: str, method: str, plan: Plan) -> list[Run]:
     return [Run(task, method, lr) for lr in plan.lr_grids[method]]
 
 
+def sweep_pending(run: Run, out: Path, plan: Plan) -> bool:
+    return trained_steps(run, out, plan.schedule) < plan.schedule.sweep_steps and failure(run, out) is None
+
+
 def sweep_scores(task: str, method: str, out: Path, plan: Plan) -> dict[float, float | None]:
-    """Each rate of the sweep → its run's primary score at the end of the sweep (None: not yet)."""
+    """Each rate of the sweep → its run's primary score at the end of the sweep (None: not yet, or failed)."""
     steps = plan.schedule.sweep_steps
     return {run.lr: primary_curve(run, out, plan.schedule).get(steps) for run in sweep_runs(task, method, plan)}
 
 
 def long_run(task: str, method: str, out: Path, plan: Plan) -> Run | None:
     """The run that continues the best rate of the method's sweep (None while the sweep is
-    unfinished); without a sweep, the method at its experiment's rate."""
+    unfinished or if all its rates failed); without a sweep, the method at its experiment's rate."""
     if method == BASE:
         return Run(task, BASE)
-    scores = sweep_scores(task, method, out, plan)
-    if not scores:
+    runs = sweep_runs(task, method, plan)
+    if not runs:
         return Run(task, method)
-    if None in scores.values():
+    if any(sweep_pending(run, out, plan) for run in runs):
         return None
-    return Run(task, method, max(scores, key=scores.get))
+    scores = {lr: score for lr, score in sweep_scores(task, method, out, plan).items() if score is not None}
+    return Run(task, method, max(scores, key=scores.get)) if scores else None
+
+
+def finished(run: Run, out: Path, schedule: Schedule) -> bool:
+    return failure(run, out) is not None or stop_reason(primary_curve(run, out, schedule), schedule) is not None
 
 
 def experiment_exists(run: Run) -> bool:
@@ -328,10 +359,10 @@ def replicate(out: Path, tasks: list[str], methods: list[str], plan: Plan) -> di
         trained = [method for method in methods if method != BASE]
         for method in trained:
             for run in sweep_runs(task, method, plan):
-                if trained_steps(run, out, plan.schedule) < plan.schedule.sweep_steps:
+                if sweep_pending(run, out, plan):
                     train(run, out, plan, plan.schedule.sweep_steps)
-        runs = [long_run(task, method, out, plan) for method in trained]
-        while pending := [run for run in runs if stop_reason(primary_curve(run, out, plan.schedule), plan.schedule) is None]:
+        runs = [run for method in trained if (run := long_run(task, method, out, plan)) is not None]
+        while pending := [run for run in runs if not finished(run, out, plan.schedule)]:
             for run in pending:
                 done = trained_steps(run, out, plan.schedule)
                 train(run, out, plan, min(plan.schedule.max_steps, done + plan.schedule.chunk))
@@ -387,11 +418,11 @@ def method_row(run: Run, out: Path, ceilings: dict[str, float], schedule: Schedu
         "run_dir": str(run.directory(out).relative_to(out)),
         "lr": None if run.is_base else run.lr if run.lr is not None else float(run_config(run, out).method.lr),
         "steps": steps,
-        "stopped": "base" if run.is_base else stop_reason(primary, schedule),
+        "stopped": "base" if run.is_base else "failed" if failure(run, out) else stop_reason(primary, schedule),
         "trainable_parameters": 0 if run.is_base else int(run_config(run, out).trainable_parameters),
         "fidelity": fidelity_table({name: curve[steps] for name, curve in curves.items()}, ceilings),
         "he_rel_change_total": last_logged(rows, ENERGY_CHANGE),
-        "seconds_per_step": None if run.is_base else seconds_per_step(run, out),
+        **pace(run, out),
         "sample_grid": copy_last_sample_grid(run, out),
         "curve": [[step, primary[step]] for step in sorted(primary)],
     }
@@ -414,6 +445,7 @@ def task_report(task: str, out: Path, plan: Plan) -> dict | None:
         row[f"steps_to_{REACHED:.0%}_of_best"] = None if target is None else first_step_reaching(dict(row["curve"]), target)
     sweeps = {
         method: {"scores": {f"{lr:g}": score for lr, score in sweep_scores(task, method, out, plan).items()},
+                 "failed": [f"{run.lr:g}" for run in sweep_runs(task, method, plan) if failure(run, out)],
                  "chosen_lr": None if landed.get(method) is None else landed[method].lr}
         for method in METHODS if method != BASE and sweep_runs(task, method, plan)
         and any(run.has_adapter(out) for run in sweep_runs(task, method, plan))
@@ -426,12 +458,11 @@ def task_report(task: str, out: Path, plan: Plan) -> dict | None:
 
 
 def machine() -> dict:
-    """Where the wall times were measured: the CPU, torch and the threads the runs were given."""
+    """Where the wall times were measured: the CPU and torch (the threads are each call's)."""
     cpuinfo = Path("/proc/cpuinfo")
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
               if line.startswith("model name")] if cpuinfo.is_file() else []
-    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def render(out: Path, plan: Plan) -> dict:
@@ -460,8 +491,10 @@ def sweep_table(task: str, table: dict, plan: Plan) -> list[str]:
     lines = [f"Learning-rate sweep: {table['primary_metric']} after {plan.schedule.sweep_steps:,} steps.", "",
              "| method | scores by learning rate | chosen |", "|---|---|---|"]
     for method, sweep in table["sweeps"].items():
-        scores = ", ".join(f"{lr}: {number(score)}" for lr, score in sweep["scores"].items())
-        chosen = "sweep unfinished" if sweep["chosen_lr"] is None else f"{sweep['chosen_lr']:g}"
+        scores = ", ".join(f"{lr}: {'failed' if lr in sweep['failed'] else number(score)}"
+                           for lr, score in sweep["scores"].items())
+        chosen = (f"{sweep['chosen_lr']:g}" if sweep["chosen_lr"] is not None
+                  else "every rate failed" if len(sweep["failed"]) == len(sweep["scores"]) else "sweep unfinished")
         lines.append(f"| {method} | {scores} | {chosen} |")
     return [*lines, ""]
 
@@ -488,12 +521,13 @@ def task_table(task: str, table: dict, plan: Plan) -> list[str]:
             for name in names
         )
         energy = "–" if row["he_rel_change_total"] is None else f"{row['he_rel_change_total']:+.2e}"
-        pace = "–" if row["seconds_per_step"] is None else f"{row['seconds_per_step']:.2f}"
+        threads = ", ".join(row["threads"])
+        speed = "–" if row["seconds_per_step"] is None else f"{row['seconds_per_step']:.2f} ({threads} thr.)"
         grid = "–" if row["sample_grid"] is None else f"[{row['sample_grid']}]({row['sample_grid']})"
         stopped = row["stopped"] or "training"
         lr = "–" if row["lr"] is None else f"{row['lr']:g}"
         head = f"| {method} | {lr} | {row['trainable_parameters']:,} | {row['steps']:,} | {stopped}"
-        lines.append(f"{head} | {scores} | {steps_text(row[reached])} | {energy} | {pace} | {grid} |")
+        lines.append(f"{head} | {scores} | {steps_text(row[reached])} | {energy} | {speed} | {grid} |")
     return [*lines, "", f"![{task} learning curves]({task}_curves.png)"]
 
 
@@ -514,8 +548,8 @@ def to_markdown(report: dict) -> str:
         "the base. The base is the untrained model (every adapter is the identity at initialisation). Steps "
         f"to {REACHED:.0%}: the first validation at which the primary score reaches {REACHED:.0%} of the best "
         "method's final one. s / step: the training calls' wall time over their steps, validations, loading "
-        f"and checkpoints included; {where['cpu']}, {where['cores']} cores, torch {where['torch']}, "
-        f"OMP_NUM_THREADS={where['OMP_NUM_THREADS']}.", "",
+        f"and checkpoints included, with the OMP_NUM_THREADS the calls were given (None: torch's default); "
+        f"{where['cpu']}, {where['cores']} cores, torch {where['torch']}.", "",
     ]
     for task, table in report["tasks"].items():
         lines += [*task_table(task, table, plan), ""]
