@@ -5,6 +5,7 @@ nothing (or only what was removed)."""
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import shutil
@@ -137,6 +138,10 @@ def test_sweep_picks_each_methods_best_rate_and_its_run_continues(table2, replic
     assert [step for step, _ in row["curve"]] == [2, 4] and row["curve"][0][1] == scores[f"{chosen:g}"]
     calls = json.loads((out / row["run_dir"] / table2.WALL_TIME_FILE).read_text())
     assert [(call["from"], call["to"]) for call in calls] == [(0, 2), (2, 4)] and row["seconds_per_step"] > 0
+    continued = sorted((out / row["run_dir"]).glob("csv/version_*/metrics.csv"))[-1]  # the second call's log
+    with continued.open(newline="") as file:
+        trained = [int(r["step"]) for r in csv.DictReader(file) if r.get("train/loss")]
+    assert trained and min(trained) >= 2  # from the sweep's checkpoint at step 2, not from scratch
     other = out / f"runs/canny_oft_lr{3e-3 if chosen == 1e-3 else 1e-3:g}"
     assert max(table2.validation_curve(table2.logged_metrics(other), "val/edge_f1", 2)) == 2  # losers stop
 
