@@ -442,7 +442,8 @@ def task_report(task: str, out: Path, plan: Plan) -> dict | None:
     best = max(finals, key=finals.get, default=None)
     target = None if best is None else REACHED * finals[best]
     for method, row in rows.items():
-        row[f"steps_to_{REACHED:.0%}_of_best"] = None if target is None else first_step_reaching(dict(row["curve"]), target)
+        curve = dict(row["curve"])
+        row[f"steps_to_{REACHED:.0%}_of_best"] = None if target is None else first_step_reaching(curve, target)
     sweeps = {
         method: {"scores": {f"{lr:g}": score for lr, score in sweep_scores(task, method, out, plan).items()},
                  "failed": [f"{run.lr:g}" for run in sweep_runs(task, method, plan) if failure(run, out)],
@@ -451,7 +452,8 @@ def task_report(task: str, out: Path, plan: Plan) -> dict | None:
         and any(run.has_adapter(out) for run in sweep_runs(task, method, plan))
     }
     return {
-        "primary_metric": primary, "ceilings": ceilings, "num_images": int(config.callbacks.control_fidelity.num_images),
+        "primary_metric": primary, "ceilings": ceilings,
+        "num_images": int(config.callbacks.control_fidelity.num_images),
         "best": None if best is None else {"method": best, "final": finals[best], "target": target},
         "sweeps": sweeps, "methods": rows,
     }
@@ -473,7 +475,8 @@ def render(out: Path, plan: Plan) -> dict:
     for task, table in tasks.items():
         curves = {method: dict(row["curve"]) for method, row in table["methods"].items()}
         primary = table["primary_metric"]
-        figure = plot_curves(curves, f"{task}: validation {primary} ({table['num_images']} images)", primary, table["ceilings"][primary])
+        title = f"{task}: validation {primary} ({table['num_images']} images)"
+        figure = plot_curves(curves, title, primary, table["ceilings"][primary])
         save_figure(figure, out / f"{task}_curves.png")
     (out / "table2.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "table2.md").write_text(to_markdown(report))
@@ -527,7 +530,8 @@ def task_table(task: str, table: dict, plan: Plan) -> list[str]:
         stopped = row["stopped"] or "training"
         lr = "–" if row["lr"] is None else f"{row['lr']:g}"
         head = f"| {method} | {lr} | {row['trainable_parameters']:,} | {row['steps']:,} | {stopped}"
-        lines.append(f"{head} | {scores} | {steps_text(row[reached])} | {energy} | {speed} | {grid} |")
+        steps_to = "–" if best is None else steps_text(row[reached])
+        lines.append(f"{head} | {scores} | {steps_to} | {energy} | {speed} | {grid} |")
     return [*lines, "", f"![{task} learning curves]({task}_curves.png)"]
 
 
@@ -576,7 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(PAPER_TASKS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("outputs/table2"))
-    parser.add_argument("--render", action="store_true", help="write the table and plots of what has landed; train nothing")
+    parser.add_argument("--render", action="store_true",
+                        help="write the table and plots of what has landed; train nothing")
     defaults = Schedule()
     for name in asdict(defaults):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),

@@ -93,7 +93,8 @@ def test_plot_draws_one_line_per_method_and_the_ceiling(learning_curves):
     lines = {line.get_label(): line for line in axes.get_lines()}
     assert sorted(lines) == sorted([*curves, learning_curves.CEILING_LABEL]) and len(axes.get_lines()) == 4
     assert list(lines["oft"].get_xdata()) == [250, 500] and list(lines["lora"].get_ydata()) == [0.35, 0.4, 0.42]
-    assert list(lines["base"].get_ydata()) == [0.04, 0.04] and list(lines[learning_curves.CEILING_LABEL].get_ydata()) == [0.84, 0.84]
+    assert list(lines["base"].get_ydata()) == [0.04, 0.04]
+    assert list(lines[learning_curves.CEILING_LABEL].get_ydata()) == [0.84, 0.84]
 
 
 # --- end to end on the tiny base -----------------------------------------------------------------
@@ -103,9 +104,9 @@ CANNY_METHODS = ["base", "controlnet", "lora_matched", "oft", "full"]  # lora an
 
 @pytest.fixture(scope="module")
 def replication(table2, fast_overrides, tmp_path_factory) -> tuple[Path, dict, object]:
-    """Canny: a two-rate sweep for OFT and for LoRA (one rate diverges), one rate for the others, 2 steps; then every long run
-    continues 2 steps and stops on the plateau rule (nothing rises by more than 1). Seg and depth:
-    no sweep, 2 steps at the experiment's rate."""
+    """Canny: a two-rate sweep for OFT and for LoRA (one rate diverges), one rate for the others,
+    2 steps; then every long run continues 2 steps and stops on the plateau rule (nothing rises
+    by more than 1). Seg and depth: no sweep, 2 steps at the experiment's rate."""
     out = tmp_path_factory.mktemp("table2")
     schedule = table2.Schedule(sweep_steps=2, val_every=2, chunk=2, min_steps=4, max_steps=8, patience=1, min_delta=1.0)
     grids = {**{method: (1e-3,) for method in table2.LR_GRIDS}, "oft": (1e-3, 3e-3), "lora_matched": (1e-3, 1e30)}
