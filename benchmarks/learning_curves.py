@@ -14,13 +14,13 @@ CEILING_LABEL = "ceiling (real images through the VAE)"
 
 
 def plot_curves(curves: dict[str, dict[int, float]], title: str, score: str, ceiling: float | None = None) -> Figure:
-    """Each method's `{step: score}` as a line. A method validated once (the untrained base, at
-    step 0) is a level drawn across the plot; the ceiling, when given, a dotted level."""
+    """Each method's `{step: score}` as a line. A method validated at step 0 only (the untrained
+    base) is a level drawn across the plot; the ceiling, when given, a dotted level."""
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.subplots()
     for method, curve in curves.items():
         steps = sorted(curve)
-        if len(steps) == 1:
+        if steps == [0]:
             axes.axhline(curve[steps[0]], color="gray", linestyle="--", label=method)
         else:
             axes.plot(steps, [curve[step] for step in steps], marker="o", markersize=3, label=method)

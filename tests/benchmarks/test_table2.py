@@ -88,10 +88,12 @@ def test_a_method_without_an_experiment_is_refused_before_anything_trains(table2
 
 
 def test_plot_draws_one_line_per_method_and_the_ceiling(learning_curves):
-    curves = {"base": {0: 0.04}, "oft": {250: 0.3, 500: 0.45}, "lora": {250: 0.35, 500: 0.4, 750: 0.42}}
+    curves = {"base": {0: 0.04}, "oft": {250: 0.3, 500: 0.45}, "lora": {250: 0.35, 500: 0.4, 750: 0.42},
+              "coft": {250: 0.3}}
     axes = learning_curves.plot_curves(curves, "canny", "edge_f1", ceiling=0.84).axes[0]
     lines = {line.get_label(): line for line in axes.get_lines()}
-    assert sorted(lines) == sorted([*curves, learning_curves.CEILING_LABEL]) and len(axes.get_lines()) == 4
+    assert sorted(lines) == sorted([*curves, learning_curves.CEILING_LABEL]) and len(axes.get_lines()) == 5
+    assert list(lines["coft"].get_xdata()) == [250]  # one validation so far: a point, not a level
     assert list(lines["oft"].get_xdata()) == [250, 500] and list(lines["lora"].get_ydata()) == [0.35, 0.4, 0.42]
     assert list(lines["base"].get_ydata()) == [0.04, 0.04]
     assert list(lines[learning_curves.CEILING_LABEL].get_ydata()) == [0.84, 0.84]
