@@ -11,9 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
-from annotated_types import Ge
-
 import torch
+from annotated_types import Ge
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from conftrl.commands import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
 from conftrl.control.inputs import control_from_image
 from conftrl.export import CONFIG_FILE, INPUT_ERRORS, TrainedAdapter, load_adapter
-from conftrl.images import to_tensor, to_uint8
+from conftrl.images import to_uint8
 from datamodules import BadSampleError
 from datamodules.decode import read_rgb
 
@@ -54,16 +55,15 @@ class Demo:
         self.annotator = adapter.build("control")
         self.resolution = int(adapter.config.data.resolution)
 
-    def control(self, image_path: str | None, drawing: dict | None, annotate: str) -> np.ndarray:
-        """The control (uint8 H×W×3) of an uploaded file, else of the drawing."""
+    def control(self, image_path: str | None, drawing: dict | None, annotate: str) -> torch.Tensor:
+        """The control (1×3×R×R in [0, 1]) of an uploaded file, else of the drawing."""
         image, name = self._image(image_path, drawing)
         if max(image.shape[:2]) > self.max_side:
             raise DemoInputError(f"{name} is {image.shape[1]}×{image.shape[0]} px; the demo takes up to {self.max_side} a side")
         try:
-            control = control_from_image(image, name, self.annotator, self.resolution, ANNOTATE[annotate])
+            return control_from_image(image, name, self.annotator, self.resolution, ANNOTATE[annotate])
         except BadSampleError as error:
             raise DemoInputError(str(error)) from error
-        return to_uint8(control)[0]
 
     def _image(self, image_path: str | None, drawing: dict | None) -> tuple[np.ndarray, str]:
         if image_path:
@@ -82,12 +82,11 @@ class Demo:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         control = self.control(image_path, drawing, annotate)
         seeds = [int(seed) + i for i in range(int(num_images))]
-        control_batch = np.repeat(control[None], len(seeds), axis=0)
         images = self.adapter.sample(
-            [prompt] * len(seeds), to_tensor(control_batch), seeds,
+            [prompt] * len(seeds), control.repeat(len(seeds), 1, 1, 1), seeds,
             steps=int(steps), cfg_scale=float(cfg_scale), control_scale=float(control_scale),
         )
-        return control, list(images)
+        return to_uint8(control)[0], list(images)
 
 
 def build_page(demo: Demo, title: str):

@@ -70,6 +70,9 @@ def depth_fidelity(generated: np.ndarray, batch: dict) -> dict[str, float]:
 
 FIDELITY_SCORERS = {"edge_f1": edge_fidelity, "segmentation": segmentation_fidelity, "depth": depth_fidelity}
 
+# Whether a larger score is better; only those scores can be read as a percentage of a ceiling.
+HIGHER_IS_BETTER = {"edge_f1": True, "edge_f1_tol1": True, "seg_miou": True, "depth_rmse": False, "depth_order": True}
+
 
 class UnknownMetricError(ValueError):
     """A fidelity metric name that is not one of `FIDELITY_SCORERS`."""
@@ -80,6 +83,3 @@ def fidelity_scorer(metric: str):
     if metric not in FIDELITY_SCORERS:
         raise UnknownMetricError(f"unknown fidelity metric {metric!r}; choose one of {', '.join(FIDELITY_SCORERS)}")
     return FIDELITY_SCORERS[metric]
-
-# Whether a larger score is better; only those scores can be read as a percentage of a ceiling.
-HIGHER_IS_BETTER = {"edge_f1": True, "edge_f1_tol1": True, "seg_miou": True, "depth_rmse": False, "depth_order": True}

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Annotated, Any, Literal, Optional
 
 import torch
-
 from annotated_types import Ge, Gt
 from diffusers import UNet2DConditionModel
 from hydra.errors import InstantiationException

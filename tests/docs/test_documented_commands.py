@@ -174,10 +174,17 @@ def user_environment() -> dict[str, str]:
     return env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
-def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def process_argv(argv: list[str]) -> list[str]:
+    """The documented words as a process to start: this interpreter for `python`, and a
+    script's path relative to the repository."""
     argv = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
     if argv[1:2] != ["-m"] and argv[1].endswith(".py"):
-        argv[1] = str(REPO / argv[1])  # a script's path is relative to the repository
+        argv[1] = str(REPO / argv[1])
+    return argv
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    argv = process_argv(argv)
     done = subprocess.run(argv, cwd=cwd, env=user_environment(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
@@ -185,8 +192,9 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def serves_a_page(argv: list[str], cwd: Path, timeout: float = 300) -> bool:
     """Start a server command, wait for the URL it prints, fetch the page, stop the server."""
-    argv = [sys.executable, *argv[1:]]
-    server = subprocess.Popen(argv, cwd=cwd, env=user_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        process_argv(argv), cwd=cwd, env=user_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + timeout
         for line in server.stdout:
