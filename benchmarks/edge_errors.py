@@ -15,11 +15,11 @@ import argparse
 
 import numpy as np
 
-from conftrl.evaluate import split_items
-from conftrl.evaluation import fidelity, fidelity_ceiling
-from conftrl.export import load_adapter
-from conftrl.fidelity import control_edges
+from conftrl.evaluation.measure import fidelity, fidelity_ceiling
+from conftrl.evaluation.report import split_items
+from conftrl.evaluation.scorers import control_edges
 from conftrl.metrics import canny_edges, edge_misses
+from conftrl.training.adapter import load_adapter
 
 COLUMNS = ("strict_f1", "best_shift_f1", "exact", "within_1px", "farther")
 

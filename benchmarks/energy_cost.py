@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from conftrl.methods import PAPER_UNET_TARGETS
 from conftrl.metrics import energy_summary, hyperspherical_energy
 from conftrl.oft import OFTConfig, OFTLayer, OFTModel
+from conftrl.training.methods import PAPER_UNET_TARGETS
 
 
 def best_of(fn, repeats: int) -> float:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-
-from conftrl.methods import PAPER_UNET_TARGETS
-from conftrl.oft import OFTConfig, OFTModel, OFTRotation, checkpoint_keeping_rotations
 from train_step import SD100M_UNET, SD_TOKENS, round_robin
+
+from conftrl.oft import OFTConfig, OFTModel, OFTRotation, checkpoint_keeping_rotations
+from conftrl.training.methods import PAPER_UNET_TARGETS
 
 # UNet arguments, latent size; `small` is for smoke tests.
 MODELS = {

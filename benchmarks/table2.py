@@ -59,18 +59,18 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from learning_curves import plot_curves, save_figure
 from omegaconf import DictConfig, OmegaConf
 
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
-from conftrl.evaluate import fidelity_table
-from conftrl.evaluate import format_number as number
-from conftrl.evaluation import fidelity_ceiling, first_items
-from conftrl.export import CONFIG_FILE, check_targets
-from conftrl.fidelity import FIDELITY_SCORERS
-from conftrl.module import ControlModule
-from conftrl.run_logs import logged_metrics
-from learning_curves import plot_curves, save_figure
+from conftrl.evaluation.measure import fidelity_ceiling, first_items
+from conftrl.evaluation.report import fidelity_table
+from conftrl.evaluation.report import format_number as number
+from conftrl.evaluation.scorers import FIDELITY_SCORERS
+from conftrl.training.adapter import CONFIG_FILE, check_targets
+from conftrl.training.loggers import logged_metrics
+from conftrl.training.module import ControlModule
 
 PAPER_TASKS = ("canny", "seg")  # the paper's Table 2 has canny, segmentation and landmarks
 TASKS = (*PAPER_TASKS, "depth")

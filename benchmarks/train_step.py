@@ -56,8 +56,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
-from conftrl.methods import PAPER_UNET_TARGETS, FullMethod, LoRAMethod, Method, OFTMethod
-from conftrl.module import ControlModule
+from conftrl.training.methods import PAPER_UNET_TARGETS, FullMethod, LoRAMethod, Method, OFTMethod
+from conftrl.training.module import ControlModule
 
 SD_TOKENS = 77
 SD_VAE_CHANNELS = (128, 256, 512, 512)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftrl.atomic import atomic_write
+from conftrl.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import lightning as L
+import torch
 from annotated_types import Ge, Interval
 from pydantic import DirectoryPath
-import torch
 from torch.utils.data import DataLoader
 
 from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, collate, seed_worker
@@ -28,7 +28,7 @@ _STAGE_SPLITS = {
     None: ("train", "val", "test"),
 }
 
-# Constraints of the arguments, read by the config validation (conftrl.schema) as well.
+# Constraints of the arguments, read by the config validation (conftrl.config.schema) as well.
 Probability = Annotated[float, Interval(ge=0, le=1)]
 Count = Annotated[int, Ge(1)]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftrl import atomic
-from conftrl.atomic import DiskFullError, atomic_write, replace_folder
+from conftrl.utils.atomic import DiskFullError, atomic_write, replace_folder
 
 
 def test_write_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftrl.images import to_tensor
+from conftrl.utils.images import to_tensor
 from datamodules.annotators import Annotator, CannyAnnotator
 from datamodules.decode import read_rgb
 from datamodules.transforms import PairedTransform

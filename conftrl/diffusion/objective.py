@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
 
 

@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
-from conftrl.atomic import atomic_write
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.legacy import seed_config_values
+from conftrl.utils.atomic import atomic_write
 
 if TYPE_CHECKING:
     from conftrl.oft.model import OFTModel

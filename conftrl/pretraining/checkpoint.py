@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from conftrl.atomic import atomic_write
+from conftrl.utils.atomic import atomic_write
 
 _HEADER_KEY = "conftrl.state"
 
@@ -46,7 +46,7 @@ def _join(node: dict, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically (`conftrl.atomic.atomic_write`)."""
+    """Write `state` to `path` atomically (`conftrl.utils.atomic.atomic_write`)."""
     tensors: dict[str, torch.Tensor] = {}
     header = json.dumps(_split(state, "state", tensors))
     atomic_write(path, lambda file: file.write(save(tensors, metadata={_HEADER_KEY: header})))

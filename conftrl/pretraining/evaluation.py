@@ -7,11 +7,11 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-from conftrl.evaluation import vae_round_trip
+from conftrl.evaluation.measure import vae_round_trip
 from conftrl.metrics.fidelity import binary_f1, canny_edges
 from conftrl.metrics.scene import SceneScorer
-from conftrl.images import to_uint8
 from conftrl.pretraining.data import to_model_range
+from conftrl.utils.images import to_uint8
 
 
 def round_trip(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -24,14 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from conftrl.atomic import atomic_write, replace_folder
+from conftrl.diffusion.objective import stream_seed
 from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
 from conftrl.metrics.scene import SceneScorer
 from conftrl.pretraining.checkpoint import load_checkpoint, save_checkpoint
-from conftrl.diffusion.objective import stream_seed
 from conftrl.pretraining.data import WorldBatches, drop_captions, held_out, step_generator, to_model_range
 from conftrl.pretraining.evaluation import scene_quality, vae_quality
 from conftrl.pretraining.stages import Optimisation, text_to_image_loss, vae_loss
+from conftrl.utils.atomic import atomic_write, replace_folder
 from datamodules.shapesworld import COLORS, WorldSpec
 
 log = logging.getLogger(__name__)

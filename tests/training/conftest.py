@@ -15,9 +15,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from conftrl.cli.train import train
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion.tiny import TinySpec, save_tiny_pipeline
-from conftrl.train import train
 
 # Small enough that a training step takes well under a second on 2 CPU cores.
 TEST_SPEC = TinySpec(

@@ -17,9 +17,9 @@ from conftest import compose_config, run_command
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftrl.evaluate import evaluate
-from conftrl.export import ADAPTER_TARGETS, AdapterError, export_adapter, load_adapter
-from conftrl.generate import generate
+from conftrl.cli.evaluate import evaluate
+from conftrl.cli.generate import generate
+from conftrl.training.adapter import ADAPTER_TARGETS, AdapterError, export_adapter, load_adapter
 
 CONF = Path(__file__).parents[2] / "conf"
 
@@ -47,6 +47,19 @@ def test_loading_an_adapter_never_calls_a_planted_target(trained_run, tmp_path, 
     with pytest.raises(AdapterError, match=rf"{adapter / 'conftrl.yaml'}: {target}._target_ is 'shutil.copyfile', which is not one of conftrl's classes"):
         load_adapter(adapter)
     assert not marker.exists()
+
+
+def test_an_adapter_that_names_a_moved_class_by_its_old_name_loads(trained_run, tmp_path):
+    """Adapters written before `conftrl.methods` became `conftrl.training.methods` still load."""
+    adapter = tmp_path / "older"
+    shutil.copytree(trained_run / "adapter", adapter)
+    config = yaml.safe_load((adapter / "conftrl.yaml").read_text())
+    config["method"]["_target_"] = config["method"]["_target_"].replace("conftrl.training.methods.", "conftrl.methods.")
+    (adapter / "conftrl.yaml").write_text(yaml.safe_dump(config))
+    loaded, current = load_adapter(adapter), load_adapter(trained_run / "adapter")
+    assert type(loaded.method) is type(current.method)
+    for (name, mine), theirs in zip(loaded.base.unet.state_dict().items(), current.base.unet.state_dict().values()):
+        assert torch.equal(mine, theirs), name
 
 
 def test_adapter_weights_are_read_from_safetensors_only(trained_run, tmp_path):

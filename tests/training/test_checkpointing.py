@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftrl import checkpointing
-from conftrl.checkpointing import AtomicCheckpointIO, CheckpointError, non_finite, resume_path
-from conftrl.module import NonFiniteLossError
+from conftrl.training.checkpoints import AtomicCheckpointIO, CheckpointError, non_finite, resume_path
+from conftrl.training.module import NonFiniteLossError
 
 
 def test_save_then_load_round_trips(tmp_path):
@@ -129,8 +129,8 @@ def test_non_finite_state_is_found_in_weights_optimiser_and_callbacks():
 
 def test_checkpoint_with_non_finite_optimiser_state_is_refused(make_config, tmp_path, monkeypatch):
     """Weights can be finite while Adam's moments are not; resuming would diverge at once."""
-    from conftrl.module import ControlModule
-    from conftrl.train import train
+    from conftrl.cli.train import train
+    from conftrl.training.module import ControlModule
 
     real_hook = ControlModule.on_save_checkpoint
 
@@ -148,7 +148,7 @@ def test_checkpoint_with_non_finite_optimiser_state_is_refused(make_config, tmp_
 
 
 def test_a_full_disk_stops_training_with_a_plain_message_and_the_last_checkpoint_intact(make_config, tmp_path, monkeypatch):
-    from conftrl.train import train
+    from conftrl.cli.train import train
 
     real_save, saves = torch.save, []
 

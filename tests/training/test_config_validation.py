@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftrl import train as train_command
+from conftrl.cli import train as train_command
+from conftrl.cli.train import train
 from conftrl.config import config_dir
-from conftrl.schema import ConfigError, validate_train_config
-from conftrl.train import train
+from conftrl.config.schema import ConfigError, validate_train_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 

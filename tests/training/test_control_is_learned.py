@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftrl.train import train
+from conftrl.cli.train import train
 
 # The default run's recipe (experiment=canny_coft), cut to a short run of smaller batches,
 # validated on the same 8 validation images with the same sampling seeds.

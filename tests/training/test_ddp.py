@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, run_command
-from support.wandb_files import wandb_records
 from hydra.utils import instantiate
+from support.wandb_files import wandb_records
 
 from conftrl.diffusion import load_base
-from conftrl.export import load_adapter
-from conftrl.module import ControlModule
+from conftrl.training.adapter import load_adapter
+from conftrl.training.module import ControlModule
 
 
 @pytest.mark.slow

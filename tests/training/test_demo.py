@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("gradio", reason="the demo is the optional extra conftrl[demo]")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from conftrl.demo import Demo, DemoInputError, build_page, newest_adapter  # noqa: E402
-from conftrl.export import load_adapter  # noqa: E402
+from conftrl.cli.demo import Demo, DemoInputError, build_page, newest_adapter  # noqa: E402
+from conftrl.training.adapter import load_adapter  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 
-from conftrl.callbacks import EMA
-from conftrl.export import load_adapter
-from conftrl.train import train
+from conftrl.cli.train import train
+from conftrl.training.adapter import load_adapter
+from conftrl.training.callbacks import EMA
 
 
 class TwoWeights(LightningModule):

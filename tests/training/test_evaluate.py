@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from conftrl.evaluate import evaluate
-from conftrl.evaluation import fidelity_ceiling
-from conftrl.fidelity import FIDELITY_SCORERS
+from conftrl.cli.evaluate import evaluate
+from conftrl.evaluation.measure import fidelity_ceiling
+from conftrl.evaluation.scorers import FIDELITY_SCORERS
 from datamodules import EmptySplitError
 
 

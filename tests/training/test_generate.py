@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import compose_config
 
+from conftrl.cli.generate import generate
 from conftrl.control.inputs import should_annotate
-from conftrl.export import AdapterError
-from conftrl.generate import generate
+from conftrl.training.adapter import AdapterError
 from datamodules import BadSampleError
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl
 

@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 
 from conftrl.diffusion import load_base
-from conftrl.module import ControlModule
 from conftrl.oft import OFTRotation
+from conftrl.training.module import ControlModule
 
 
 def _batch() -> dict:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from conftrl.cli.train import train
 from conftrl.diffusion.objective import denoising_loss, sample_timesteps
-from conftrl.train import train
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from conftrl.diffusion import load_base
-from conftrl.methods import OFTMethod
 from conftrl.oft import OFTConfig
 from conftrl.oft.serialization import read_config
+from conftrl.training.methods import OFTMethod
 
 # Two runs between them set every field of the seed's OFTConfig and of today's on the command
 # line, each to a value other than its default (r and oft_block_size exclude each other).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pickle
 
-from conftrl.run_logs import RunCSVLogger, logged_metrics
+from conftrl.training.loggers import RunCSVLogger, logged_metrics
 
 
 def test_a_copy_made_before_the_first_rows_continues_the_metrics_file(tmp_path):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftrl.checkpointing import CheckpointError
-from conftrl.export import load_adapter
-from conftrl.module import CheckpointMismatchError, ControlModule, NonFiniteLossError
-from conftrl.run_logs import logged_metrics
-from conftrl.train import train
+from conftrl.cli.train import train
+from conftrl.training.adapter import load_adapter
+from conftrl.training.checkpoints import CheckpointError
+from conftrl.training.loggers import logged_metrics
+from conftrl.training.module import CheckpointMismatchError, ControlModule, NonFiniteLossError
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "experiment").glob("*.yaml"))
 

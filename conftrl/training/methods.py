@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 from annotated_types import Ge, Gt, Lt
-
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import SchedulerType
 from safetensors.torch import load_file, save_file

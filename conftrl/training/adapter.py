@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from conftrl.atomic import naming_a_full_disk, replace_folder
 from conftrl.control import EncoderControl, load_control_path
 from conftrl.diffusion import DiffusionBase, ModelFolderError, load_base
 from conftrl.diffusion.sampling import sample_images
-from conftrl.methods import Method
+from conftrl.training.methods import Method
+from conftrl.utils.atomic import naming_a_full_disk, replace_folder
 from datamodules import BadSampleError, EmptySplitError
 
 CONFIG_FILE = "conftrl.yaml"
@@ -41,7 +41,8 @@ class AdapterError(ValueError):
 # estimators). Loading an adapter instantiates these and nothing else: the file may come from
 # anywhere, and a `_target_` is a Python callable.
 ADAPTER_TARGETS = frozenset({
-    "conftrl.methods.Method", "conftrl.methods.OFTMethod", "conftrl.methods.LoRAMethod", "conftrl.methods.FullMethod",
+    "conftrl.training.methods.Method", "conftrl.training.methods.OFTMethod", "conftrl.training.methods.LoRAMethod",
+    "conftrl.training.methods.FullMethod",
     "datamodules.annotators.CannyAnnotator", "datamodules.annotators.DepthAnnotator",
     "datamodules.annotators.SegmentationAnnotator", "datamodules.annotators.PrecomputedControl",
     "datamodules.annotators.DnnDepthEstimator", "datamodules.annotators.TransformersDepthEstimator",
@@ -50,17 +51,26 @@ ADAPTER_TARGETS = frozenset({
 })
 
 
-def _targets(node, where: str):
-    """(where, target) of every `_target_` in a nest of dicts and lists."""
+# Classes that moved, under the names adapters written before the move recorded.
+MOVED_TARGETS = {
+    f"conftrl.methods.{name}": f"conftrl.training.methods.{name}"
+    for name in ("Method", "OFTMethod", "LoRAMethod", "FullMethod")
+}
+
+
+def _current_targets(node, where: str):
+    """(where, target) of every `_target_` in a nest of dicts and lists, each moved class
+    renamed in place to where it lives now."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "_target_":
-                yield where, value
+                node[key] = MOVED_TARGETS.get(value, value)
+                yield where, node[key]
             else:
-                yield from _targets(value, f"{where}.{key}")
+                yield from _current_targets(value, f"{where}.{key}")
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            yield from _targets(value, f"{where}[{index}]")
+            yield from _current_targets(value, f"{where}[{index}]")
 
 
 # The sections of an adapter's config that are instantiated: the method when loading, the
@@ -70,13 +80,13 @@ RECORDED_OBJECTS = ("method", "control", "data")
 
 def check_targets(config: DictConfig, source: str | Path) -> dict:
     """The resolved config (a target cannot hide in `${...}`) if every `_target_` in its
-    `RECORDED_OBJECTS` is one of `ADAPTER_TARGETS`; otherwise `AdapterError` naming the file
-    and the target."""
+    `RECORDED_OBJECTS` is one of `ADAPTER_TARGETS` (under its current name); otherwise
+    `AdapterError` naming the file and the target."""
     resolved = OmegaConf.to_container(config, resolve=True)
     if not isinstance(resolved, dict):
         raise AdapterError(f"{source}: not a mapping of settings")
     for key in RECORDED_OBJECTS:
-        for where, target in _targets(resolved.get(key), key):
+        for where, target in _current_targets(resolved.get(key), key):
             if target not in ADAPTER_TARGETS:
                 raise AdapterError(
                     f"{source}: {where}._target_ is {target!r}, which is not one of conftrl's classes; "

@@ -1,12 +1,14 @@
-"""A run's CSV log: writing it from several processes, and reading it back (W&B holds the
-same numbers)."""
+"""A run's logs: the CSV log written from several processes and read back (W&B holds the same
+numbers), and the W&B run kept in the run folder and ended with the job."""
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -53,3 +55,20 @@ def logged_metrics(run_dir: str | Path) -> list[dict[str, float]]:
                 values = {name: float(value) for name, value in row.items() if value not in ("", None)}
                 rows.append({**values, "step": int(values["step"])})
     return rows
+
+
+def keep_wandb_files_in_run_dir(trainer: L.Trainer) -> None:
+    """Spawned DDP workers attach to the W&B run this process creates, but write its files
+    (e.g. sample images) under $WANDB_DIR, by default their working directory."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger.save_dir:
+            os.environ["WANDB_DIR"] = str(logger.save_dir)
+
+
+def finish_wandb_run(trainer: L.Trainer) -> None:
+    """W&B keeps a process's run open until it is finished, and Lightning's logger reuses an
+    open run: without this, the next job of a multirun would log into this job's run."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()

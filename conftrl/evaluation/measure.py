@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from conftrl.images import image_grid, to_uint8
 from conftrl.metrics import energy_summary
+from conftrl.utils.images import image_grid, to_uint8
 
 # (prompts, control B×3×H×W in [0, 1], seeds) -> uint8 images B×H×W×3, e.g.
 # `functools.partial(module.sample, **sampling)`; every caller ends in `sample_images`.

@@ -17,10 +17,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from conftrl.evaluation import fidelity, first_items, sample_grid
-from conftrl.fidelity import FIDELITY_SCORERS, fidelity_scorer
-from conftrl.images import save_png
+from conftrl.evaluation.measure import fidelity, first_items, sample_grid
+from conftrl.evaluation.scorers import FIDELITY_SCORERS, fidelity_scorer
 from conftrl.metrics import energy_summary, rotation_stats
+from conftrl.utils.images import save_png
 
 
 def _skip(trainer: Trainer) -> bool:

@@ -4,7 +4,7 @@ Lightning's TorchCheckpointIO writes through an fsspec transaction, which stages
 the system temp directory and `shutil.move`s it into place. When that directory is on another
 filesystem (a tmpfs /tmp, a network checkpoint dir) the move degrades to a copy *into* the
 destination, so a full disk or a crash mid-copy leaves a truncated file where the last good
-checkpoint was; nothing is fsynced either. Here `conftrl.atomic` writes beside the target and
+checkpoint was; nothing is fsynced either. Here `conftrl.utils.atomic` writes beside the target and
 renames. Loading is always `weights_only=True`: a checkpoint is tensors and plain data, and
 a file that holds anything else is refused rather than run.
 """
@@ -21,8 +21,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from conftrl.atomic import atomic_write
-
+from conftrl.utils.atomic import atomic_write
 
 # `ckpt_path` values with a meaning of Lightning's own ("registry:<name>" too), passed through.
 LIGHTNING_KEYWORDS = ("best", "hpc", "registry")

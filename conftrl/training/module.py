@@ -15,15 +15,20 @@ from lightning import LightningModule
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftrl.checkpointing import newest_checkpoint, non_finite
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.objective import (
-    TIMESTEP_SAMPLINGS, denoising_loss, encode_prompts, sample_timesteps, stream_seed, training_target,
+    TIMESTEP_SAMPLINGS,
+    denoising_loss,
+    encode_prompts,
+    sample_timesteps,
+    stream_seed,
+    training_target,
 )
 from conftrl.diffusion.sampling import sample_images
-from conftrl.methods import Method
 from conftrl.oft import checkpoint_keeping_rotations
+from conftrl.training.checkpoints import newest_checkpoint, non_finite
+from conftrl.training.methods import Method
 
 
 class NonFiniteLossError(FloatingPointError):

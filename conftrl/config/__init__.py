@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def config_dir() -> str:
@@ -19,7 +19,7 @@ def config_dir() -> str:
     spec = importlib.util.find_spec("conftrl.conf")
     if spec is not None and spec.submodule_search_locations:
         return str(Path(next(iter(spec.submodule_search_locations))).resolve())
-    return str(Path(__file__).resolve().parents[1] / "conf")
+    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def wandb_offline() -> bool:

@@ -1,0 +1,2 @@
+"""What a training run is made of: the LightningModule, the methods, callbacks, checkpoints, the
+adapter folder and the run's logs."""

@@ -1,0 +1,1 @@
+"""Standard plumbing with no conftrl dependencies: atomic writes and image conversions."""
