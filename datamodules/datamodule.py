@@ -1,6 +1,6 @@
 """LightningDataModules: ShapesWorld and image folders, sharing one pipeline.
 
-Both take the annotator object (from ``conf/control``) and the common settings of
+Both take the annotator object (from ``conf/annotator``) and the common settings of
 `ControlDataModule`; each adds only what describes its data.
 """
 

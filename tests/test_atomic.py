@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftrl import atomic
+from conftrl.utils import atomic
 from conftrl.utils.atomic import DiskFullError, atomic_write, replace_folder
 
 

@@ -42,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "adapter": str(Path(cfg.adapter).resolve()),
         "base_model": str(adapter.base.path),
         "method": adapter.method.name,
-        "control": adapter.config.control._target_.rsplit(".", 1)[-1],
+        "annotator": adapter.config.annotator._target_.rsplit(".", 1)[-1],
         "split": cfg.split,
         "num_images": len(items["caption"]),
         "sampling": sampling,

@@ -32,7 +32,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     """One PNG per seed, plus the control as the model saw it; returns the images' paths."""
     adapter = load_adapter(cfg.adapter, cfg.model_path)
     resolution = cfg.resolution or adapter.config.data.resolution
-    control = control_from_file(cfg.control, adapter.build("control"), resolution, cfg.annotate)
+    control = control_from_file(cfg.control, adapter.build("annotator"), resolution, cfg.annotate)
     seeds = list(cfg.seeds)
     images = adapter.sample(
         [cfg.prompt] * len(seeds), control.repeat(len(seeds), 1, 1, 1), seeds,

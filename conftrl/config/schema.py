@@ -122,7 +122,7 @@ def _missing_keys(cfg: DictConfig) -> list[str]:
 
 def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
     """The instantiated nodes: each group's, and each entry of the callbacks and loggers."""
-    for key in ("data", "control", "method", "trainer"):
+    for key in ("data", "annotator", "method", "trainer"):
         yield key, cfg[key]
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():

@@ -41,7 +41,7 @@ class Demo:
 
     def __init__(self, adapter: TrainedAdapter, max_side: int = 4096):
         self.adapter, self.max_side = adapter, max_side
-        self.annotator = adapter.build("control")
+        self.annotator = adapter.build("annotator")
         self.resolution = int(adapter.config.data.resolution)
 
     def control(self, image_path: str | None, drawing: dict | None, annotate: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ def to_markdown(report: dict) -> str:
     """The report as a Markdown table, one row per score."""
     energy = report["hyperspherical_energy"]
     lines = [
-        f"# {report['method']} / {report['control']} on {report['split']} ({report['num_images']} images)",
+        f"# {report['method']} / {report['annotator']} on {report['split']} ({report['num_images']} images)",
         "",
         f"Adapter `{report['adapter']}` on base `{report['base_model']}`; sampling {report['sampling']}.",
         "",

@@ -1,7 +1,7 @@
 """The adapter folder: what training leaves behind and `generate`/`evaluate` load.
 
     adapter/
-      conftrl.yaml        the run's resolved config (base model path, method, control, sampling)
+      conftrl.yaml        the run's resolved config (base model path, method, annotator, sampling)
                           plus `trainable_parameters`, the size of what was trained
       unet/               the method's weights (PEFT-format OFT or LoRA adapter, or a full UNet)
       text_encoder/       the same for the text encoder, when it was adapted
@@ -37,7 +37,7 @@ class AdapterError(ValueError):
     """An adapter folder is missing, incomplete, corrupt or made for another base model."""
 
 
-# Every class an adapter's conftrl.yaml may name (its method, control and data, with their
+# Every class an adapter's conftrl.yaml may name (its method, annotator and data, with their
 # estimators). Loading an adapter instantiates these and nothing else: the file may come from
 # anywhere, and a `_target_` is a Python callable.
 ADAPTER_TARGETS = frozenset({
@@ -74,8 +74,10 @@ def _current_targets(node, where: str):
 
 
 # The sections of an adapter's config that are instantiated: the method when loading, the
-# control by `generate` and `evaluate`, the data by `evaluate`.
-RECORDED_OBJECTS = ("method", "control", "data")
+# annotator by `generate` and `evaluate`, the data by `evaluate`.
+RECORDED_OBJECTS = ("method", "annotator", "data")
+# Adapters written before the config group `control` was named `annotator` record it so.
+FORMER_ANNOTATOR_KEY = "control"
 
 
 def check_targets(config: DictConfig, source: str | Path) -> dict:
@@ -143,7 +145,7 @@ class TrainedAdapter:
     directory: Path
 
     def build(self, key: str):
-        """The run's `control` (annotator) or `data` (datamodule), from the allowed classes only."""
+        """The run's `annotator` or `data` (datamodule), from the allowed classes only."""
         return instantiate_recorded(self.config, key, self.directory / CONFIG_FILE)
 
     def sampling(self, **chosen) -> dict:
@@ -162,6 +164,8 @@ def load_adapter(directory: str | Path, model_path: str | Path | None = None) ->
         raise AdapterError(f"{str(directory)!r} is not a conftrl adapter folder (no {CONFIG_FILE})")
     try:
         config = OmegaConf.load(directory / CONFIG_FILE)
+        if "annotator" not in config and FORMER_ANNOTATOR_KEY in config:
+            config.annotator = config[FORMER_ANNOTATOR_KEY]
         check_targets(config, directory / CONFIG_FILE)  # before anything is built
         base_path, method = model_path or config.model.path, instantiate_recorded(config, "method", directory / CONFIG_FILE)
     except (yaml.YAMLError, OmegaConfBaseException, HydraException) as error:

@@ -11,7 +11,7 @@ from datamodules.annotators import Annotator
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
-CONTROLS = sorted(p.stem for p in (CONF / "control").glob("*.yaml"))
+CONTROLS = sorted(p.stem for p in (CONF / "annotator").glob("*.yaml"))
 
 
 def compose_pair(data: str, control: str, *overrides: str):
@@ -23,9 +23,9 @@ def estimator_overrides(control: str, tmp_path: Path) -> list[str]:
     """Estimators load lazily, so an existing (empty) path is enough to instantiate them."""
     if "dnn" in control:
         (tmp_path / "model.onnx").write_bytes(b"")
-        return [f"control.estimator.path={tmp_path / 'model.onnx'}"]
+        return [f"annotator.estimator.path={tmp_path / 'model.onnx'}"]
     if "transformers" in control:
-        return [f"control.estimator.path={tmp_path}"]
+        return [f"annotator.estimator.path={tmp_path}"]
     return []
 
 

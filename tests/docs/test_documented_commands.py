@@ -99,7 +99,7 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
         "model.path=...": f"model.path={sd15}",
         "data.root=/data/fill50k": f"data.root={fill50k_folder(root / 'fill50k')}",
         "data.root=/photos": f"data.root={photo_folder(root / 'photos')}",
-        "control.estimator.path=/models/midas.onnx": f"control.estimator.path={depth_onnx(root / 'midas.onnx')}",
+        "annotator.estimator.path=/models/midas.onnx": f"annotator.estimator.path={depth_onnx(root / 'midas.onnx')}",
     }
 
 

@@ -40,7 +40,7 @@ def planted_adapter(trained_run: Path, tmp_path: Path, where: list[str]) -> tupl
     return adapter, marker
 
 
-@pytest.mark.parametrize("where", [["method"], ["control"], ["data", "annotator"]], ids=["method", "control", "data.annotator"])
+@pytest.mark.parametrize("where", [["method"], ["annotator"], ["data", "annotator"]], ids=["method", "annotator", "data.annotator"])
 def test_loading_an_adapter_never_calls_a_planted_target(trained_run, tmp_path, where):
     adapter, marker = planted_adapter(trained_run, tmp_path, where)
     target = ".".join(where)
@@ -49,15 +49,18 @@ def test_loading_an_adapter_never_calls_a_planted_target(trained_run, tmp_path, 
     assert not marker.exists()
 
 
-def test_an_adapter_that_names_a_moved_class_by_its_old_name_loads(trained_run, tmp_path):
-    """Adapters written before `conftrl.methods` became `conftrl.training.methods` still load."""
+def test_an_adapter_written_before_the_renames_loads(trained_run, tmp_path):
+    """Adapters written before `conftrl.methods` became `conftrl.training.methods` and the
+    config group `control` became `annotator` still load, and still annotate."""
     adapter = tmp_path / "older"
     shutil.copytree(trained_run / "adapter", adapter)
     config = yaml.safe_load((adapter / "conftrl.yaml").read_text())
     config["method"]["_target_"] = config["method"]["_target_"].replace("conftrl.training.methods.", "conftrl.methods.")
+    config["control"] = config.pop("annotator")
     (adapter / "conftrl.yaml").write_text(yaml.safe_dump(config))
     loaded, current = load_adapter(adapter), load_adapter(trained_run / "adapter")
     assert type(loaded.method) is type(current.method)
+    assert type(loaded.build("annotator")) is type(current.build("annotator"))
     for (name, mine), theirs in zip(loaded.base.unet.state_dict().items(), current.base.unet.state_dict().values()):
         assert torch.equal(mine, theirs), name
 
@@ -74,11 +77,11 @@ def test_adapter_weights_are_read_from_safetensors_only(trained_run, tmp_path):
 
 
 def test_generate_never_calls_a_planted_target(trained_run, tmp_path):
-    adapter, marker = planted_adapter(trained_run, tmp_path, ["control"])
+    adapter, marker = planted_adapter(trained_run, tmp_path, ["annotator"])
     control = tmp_path / "edges.png"
     cv2.imwrite(str(control), np.zeros((32, 32, 3), np.uint8))
     cfg = compose_config("cli/generate", [f"adapter={adapter}", f"control={control}", "prompt=a circle"], tmp_path / "out")
-    with pytest.raises(AdapterError, match=r"conftrl.yaml: control._target_ is 'shutil.copyfile'"):
+    with pytest.raises(AdapterError, match=r"conftrl.yaml: annotator._target_ is 'shutil.copyfile'"):
         generate(cfg)
     assert not marker.exists()
 
@@ -99,9 +102,9 @@ def test_the_command_line_reports_a_planted_target_in_one_line(trained_run, tmp_
 
 
 def test_every_class_the_configs_can_record_is_allowed():
-    """The allow-list keeps up with conf/: each method, control and data target may load."""
+    """The allow-list keeps up with conf/: each method, annotator and data target may load."""
     recorded = set()
-    for group in ("method", "control", "data"):
+    for group in ("method", "annotator", "data"):
         for path in (CONF / group).glob("*.yaml"):
             text = path.read_text()
             recorded |= {line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("_target_:")}

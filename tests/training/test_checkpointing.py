@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftrl import checkpointing
+from conftrl.training import checkpoints as checkpoint_files
 from conftrl.training.checkpoints import AtomicCheckpointIO, CheckpointError, non_finite, resume_path
 from conftrl.training.module import NonFiniteLossError
 
@@ -40,7 +40,7 @@ def test_disk_full_mid_write_says_so_and_keeps_the_previous_checkpoint(tmp_path,
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
     real_save = torch.save
-    monkeypatch.setattr(checkpointing.torch, "save", lambda obj, file: real_save(obj, FullDisk(file, room=2000)))
+    monkeypatch.setattr(checkpoint_files.torch, "save", lambda obj, file: real_save(obj, FullDisk(file, room=2000)))
     # torch's own error would be "unexpected pos ..."; the full disk is only its context
     with pytest.raises(OSError, match=f"no space left on device while writing {path}") as raised:
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
@@ -156,7 +156,7 @@ def test_a_full_disk_stops_training_with_a_plain_message_and_the_last_checkpoint
         saves.append(obj["global_step"])
         real_save(obj, FullDisk(file, room=2000) if len(saves) > 1 else file)
 
-    monkeypatch.setattr(checkpointing.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(checkpoint_files.torch, "save", save_until_the_disk_fills)
     folder = tmp_path / "checkpoints"
     with pytest.raises(OSError, match=f"^no space left on device while writing {folder / 'step_000004.ckpt'}"):
         train(make_config("experiment=canny_coft", "trainer.max_steps=4"))

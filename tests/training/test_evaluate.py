@@ -31,7 +31,7 @@ def evaluated(trained_run, tmp_path_factory):
 def test_metrics_json_holds_fidelity_energy_and_size(evaluated):
     report, output_dir = evaluated
     assert json.loads((output_dir / "metrics.json").read_text()) == report
-    assert (report["method"], report["control"], report["split"], report["num_images"]) == ("coft", "CannyAnnotator", "test", 3)
+    assert (report["method"], report["annotator"], report["split"], report["num_images"]) == ("coft", "CannyAnnotator", "test", 3)
     assert report["sampling"]["steps"] == 2
     assert set(report["fidelity"]) == {"edge_f1", "edge_f1_tol1"}
     for row in report["fidelity"].values():
