@@ -1,4 +1,4 @@
-"""Every conf/data and conf/control file composes with Hydra and instantiates."""
+"""Every conf/data and conf/annotator file composes with Hydra and instantiates."""
 
 from pathlib import Path
 
@@ -11,35 +11,35 @@ from datamodules.annotators import Annotator
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
-CONTROLS = sorted(p.stem for p in (CONF / "annotator").glob("*.yaml"))
+ANNOTATORS = sorted(p.stem for p in (CONF / "annotator").glob("*.yaml"))
 
 
-def compose_pair(data: str, control: str, *overrides: str):
+def compose_pair(data: str, annotator: str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(overrides=[f"+data={data}", f"+control={control}", *overrides])
+        return compose(overrides=[f"+data={data}", f"+annotator={annotator}", *overrides])
 
 
-def estimator_overrides(control: str, tmp_path: Path) -> list[str]:
+def estimator_overrides(annotator: str, tmp_path: Path) -> list[str]:
     """Estimators load lazily, so an existing (empty) path is enough to instantiate them."""
-    if "dnn" in control:
+    if "dnn" in annotator:
         (tmp_path / "model.onnx").write_bytes(b"")
         return [f"annotator.estimator.path={tmp_path / 'model.onnx'}"]
-    if "transformers" in control:
+    if "transformers" in annotator:
         return [f"annotator.estimator.path={tmp_path}"]
     return []
 
 
 def test_the_expected_files_exist():
     assert {"shapesworld", "folder"} <= set(DATA)
-    assert {"canny", "depth", "segmentation", "precomputed"} <= set(CONTROLS)
+    assert {"canny", "depth", "segmentation", "precomputed"} <= set(ANNOTATORS)
 
 
-@pytest.mark.parametrize("control", CONTROLS)
-def test_each_control_instantiates(control, tmp_path):
-    cfg = compose_pair("shapesworld", control, *estimator_overrides(control, tmp_path))
-    annotator = instantiate(cfg.control)
-    assert isinstance(annotator, Annotator)
-    assert annotator.estimates == control.endswith(("_dnn", "_transformers"))
+@pytest.mark.parametrize("annotator", ANNOTATORS)
+def test_each_annotator_instantiates(annotator, tmp_path):
+    cfg = compose_pair("shapesworld", annotator, *estimator_overrides(annotator, tmp_path))
+    built = instantiate(cfg.annotator)
+    assert isinstance(built, Annotator)
+    assert built.estimates == annotator.endswith(("_dnn", "_transformers"))
 
 
 @pytest.mark.parametrize("control", ["canny", "depth", "segmentation"])
