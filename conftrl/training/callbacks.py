@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import torch
 from annotated_types import Ge
+from diffusers.training_utils import EMAModel
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -96,62 +97,61 @@ class EnergyMonitor(Callback):
 
 
 class EMA(Callback):
-    """Exponential moving average of the trainable weights (the frozen ones never change).
+    """Exponential moving average of the trainable weights (the frozen ones never change),
+    kept by diffusers' `EMAModel`.
 
     Training steps use the live weights; validation during fit swaps the average in and back
     out, and at the end of fit the average becomes the weights, so the final validation and
-    the exported adapter use it. The average is checkpointed: a resumed run continues it.
-    The one callback that changes the module, and only by swapping whole tensors.
+    the exported adapter use it. The average is checkpointed by parameter name: a resumed run
+    continues it. The one callback that changes the module, and only by copying whole tensors.
     """
 
     def __init__(self, decay: float = 0.999):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay = decay
-        self.average: dict[str, torch.Tensor] | None = None
+        self.ema: EMAModel | None = None
+        self.names: list[str] = []
+        self.restored: dict[str, torch.Tensor] | None = None
         self.updated_at_step = -1
 
     @staticmethod
     def _trainable(module: LightningModule) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
+    def _parameters(self, module: LightningModule) -> list[torch.nn.Parameter]:
+        return list(self._trainable(module).values())
+
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
         live = self._trainable(module)
-        if self.average is None:
-            self.average = {name: p.detach().clone() for name, p in live.items()}
-        else:  # restored from a checkpoint
-            self.average = {name: self.average[name].to(p.device, p.dtype) for name, p in live.items()}
+        self.names = list(live)
+        # min_decay = decay and update_after_step = -1 switch off EMAModel's warm-up schedule:
+        # the average starts at the initial weights and moves by `decay` from the first step.
+        self.ema = EMAModel(live.values(), decay=self.decay, min_decay=self.decay, update_after_step=-1)
+        if self.restored is not None:
+            self.ema.shadow_params = [self.restored[name].to(p.device, p.dtype) for name, p in live.items()]
+            self.restored = None
 
-    @torch.no_grad()
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
         if trainer.global_step == self.updated_at_step:  # gradient accumulation: no step yet
             return
         self.updated_at_step = trainer.global_step
-        for name, p in self._trainable(module).items():
-            self.average[name].lerp_(p.detach(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def _swap(self, module: LightningModule) -> None:
-        for name, p in self._trainable(module).items():
-            live = p.detach().clone()
-            p.copy_(self.average[name])
-            self.average[name].copy_(live)
+        self.ema.step(self._parameters(module))
 
     def on_validation_start(self, trainer: Trainer, module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            self._swap(module)
+            self.ema.store(self._parameters(module))
+            self.ema.copy_to(self._parameters(module))
 
     def on_validation_end(self, trainer: Trainer, module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            self._swap(module)
+            self.ema.restore(self._parameters(module))
 
-    @torch.no_grad()
     def on_fit_end(self, trainer: Trainer, module: LightningModule) -> None:
-        for name, p in self._trainable(module).items():
-            p.copy_(self.average[name])
+        self.ema.copy_to(self._parameters(module))
 
     def state_dict(self) -> dict:
-        return {"average": self.average, "updated_at_step": self.updated_at_step}
+        return {"average": dict(zip(self.names, self.ema.shadow_params)), "updated_at_step": self.updated_at_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.average, self.updated_at_step = state_dict["average"], state_dict["updated_at_step"]
+        self.restored, self.updated_at_step = state_dict["average"], state_dict["updated_at_step"]
