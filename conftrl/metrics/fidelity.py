@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
+from torchmetrics.functional import mean_squared_error
+from torchmetrics.functional.classification import multiclass_jaccard_index
 
 UNKNOWN = -1
 
@@ -41,7 +44,8 @@ def binary_f1(pred: np.ndarray, true: np.ndarray, tolerance_px: int = 0) -> floa
     recall = fraction of ``true`` pixels with a ``pred`` pixel within ``tolerance_px``;
     F1 = 2PR / (P + R). With ``tolerance_px=0`` this is the plain pixel-wise F1
     ``2|pred ∧ true| / (|pred| + |true|)``. Both maps empty → 1.0 (nothing to draw, nothing
-    drawn); exactly one empty → 0.0.
+    drawn); exactly one empty → 0.0. Written here rather than taken from torchmetrics, whose
+    F1 is this one's ``tolerance_px=0`` case: no metrics library has the tolerance.
     """
     pred, true = pred.astype(bool), true.astype(bool)
     n_pred, n_true = pred.sum(), true.sum()
@@ -104,6 +108,7 @@ def iou_per_class(
     ``[0, num_classes)`` (e.g. :data:`UNKNOWN`) are wrong for the true class and count towards
     no class. Maps of any shape; passing a stack of images pools pixels over it (the
     dataset-level mIoU of ADE20K-style benchmarks), passing one image gives a per-image score.
+    torchmetrics' Jaccard index counts, with one extra class for the labels outside the range.
     """
     pred, true = np.ravel(pred).astype(np.int64), np.ravel(true).astype(np.int64)
     if ignore_index is not None:
@@ -112,13 +117,11 @@ def iou_per_class(
     if true.size and (true.min() < 0 or true.max() >= num_classes):
         raise ValueError(f"true labels must lie in [0, {num_classes}) or be ignore_index")
     pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)  # extra 'no class'
-    confusion = np.bincount(
-        true * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1)
-    ).reshape(num_classes, num_classes + 1)
-    hits = np.diag(confusion[:, :num_classes])
-    union = confusion.sum(axis=1) + confusion[:, :num_classes].sum(axis=0) - hits
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, hits / union, np.nan)
+    iou = multiclass_jaccard_index(
+        torch.from_numpy(pred), torch.from_numpy(true), num_classes + 1, average="none",
+        validate_args=False, zero_division=float("nan"),
+    )
+    return iou[:num_classes].double().numpy()
 
 
 def mean_iou(
@@ -168,8 +171,8 @@ def depth_from_labels(
 def depth_rmse(pred: np.ndarray, true: np.ndarray) -> float:
     """Root-mean-square error between two depth maps on the 0–255 scale (ControlNet++
     protocol), computed in float64 so ``uint8`` inputs do not wrap around."""
-    diff = np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)
-    return float(np.sqrt(np.mean(diff**2)))
+    pred, true = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (pred, true))
+    return float(mean_squared_error(pred, true, squared=False))
 
 
 def depth_order_accuracy(

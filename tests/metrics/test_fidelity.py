@@ -3,6 +3,8 @@ import math
 import cv2
 import numpy as np
 import pytest
+import torch
+from torchmetrics.functional.classification import binary_f1_score
 
 from conftrl.metrics import (
     UNKNOWN,
@@ -159,3 +161,45 @@ def test_depth_order_accuracy():
     noisy = true + np.random.default_rng(2).normal(0, 30, true.shape)
     assert 0.6 < depth_order_accuracy(noisy, true) < 1.0
     assert math.isnan(depth_order_accuracy(true, np.ones_like(true)))
+
+
+def reference_iou(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """The definition in float64, from a confusion matrix with an extra column for labels
+    outside [0, num_classes) (the implementation before torchmetrics computed it)."""
+    pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes).ravel()
+    confusion = np.bincount(true.ravel() * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
+    confusion = confusion.reshape(num_classes, num_classes + 1)
+    hits = np.diag(confusion[:, :num_classes])
+    union = confusion.sum(axis=1) + confusion[:, :num_classes].sum(axis=0) - hits
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, hits / union, np.nan)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_iou_and_rmse_match_their_definitions_on_random_maps(seed):
+    rng = np.random.default_rng(seed)
+    num_classes, shape = int(rng.integers(1, 160)), tuple(rng.integers(1, 64, size=rng.integers(1, 4)))
+    true, pred = rng.integers(0, num_classes, shape), rng.integers(UNKNOWN, num_classes + 3, shape)
+    iou, expected = iou_per_class(pred, true, num_classes), reference_iou(pred, true, num_classes)
+    assert iou.dtype == np.float64 and iou.shape == (num_classes,)
+    np.testing.assert_array_equal(np.isnan(iou), np.isnan(expected))  # absent classes stay NaN
+    np.testing.assert_allclose(iou, expected, rtol=0, atol=1e-7)  # torchmetrics divides in float32
+    ignored = np.where(rng.random(shape) < 0.2, 255, true)
+    keep = ignored != 255
+    np.testing.assert_allclose(iou_per_class(pred, ignored, num_classes, 255),
+                               reference_iou(pred[keep], true[keep], num_classes), rtol=0, atol=1e-7)
+    depth_pred, depth_true = rng.uniform(0, 255, shape), rng.integers(0, 256, shape).astype(np.uint8)
+    assert depth_rmse(depth_pred, depth_true) == pytest.approx(
+        math.sqrt(np.mean((depth_pred - depth_true.astype(np.float64)) ** 2)), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_strict_binary_f1_is_torchmetrics_f1(seed):
+    """Tolerance 0 is the plain pixel F1, which torchmetrics computes (both maps empty: 1, as
+    its zero_division=1 gives); the tolerant F1 has no library counterpart."""
+    rng = np.random.default_rng(seed)
+    pred, true = rng.random((48, 48)) < rng.uniform(0, 0.3), rng.random((48, 48)) < rng.uniform(0, 0.3)
+    for p, t in [(pred, true), (pred, np.zeros_like(true)), (np.zeros_like(pred), np.zeros_like(true))]:
+        expected = binary_f1_score(torch.from_numpy(p).int(), torch.from_numpy(t).int(), zero_division=1)
+        assert binary_f1(p, t) == pytest.approx(float(expected), abs=1e-6)
