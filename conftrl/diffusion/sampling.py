@@ -1,4 +1,5 @@
-"""Controlled sampling with diffusers pipelines and seeded, per-image generators."""
+"""Sampling with diffusers pipelines and seeded, per-image generators: controlled
+(`sample_images`) and plain text-to-image (`seeded_images`, which both use)."""
 
 from __future__ import annotations
 
@@ -43,14 +44,25 @@ def sample_images(
     control = control.to(base.unet.device, base.unet.dtype)
     guided = guide_control and cfg_scale > 1  # diffusers runs the [uncond; cond] batch only then
     with control_path.applied(control, control_scale, guided):
-        images = pipe(
-            prompt=list(prompts),
-            height=control.shape[-2],
-            width=control.shape[-1],
-            num_inference_steps=steps,
-            guidance_scale=cfg_scale,
-            generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
-            output_type="np",
-            **control_path.pipeline_kwargs(control),
-        ).images
+        return seeded_images(
+            pipe, prompts, seeds, steps, cfg_scale, control.shape[-2:], **control_path.pipeline_kwargs(control)
+        )
+
+
+def seeded_images(
+    pipe, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: tuple[int, int], **pipeline_kwargs
+) -> np.ndarray:
+    """uint8 B×H×W×3 from a diffusers text-to-image pipeline, one image per (prompt, seed),
+    each from its own seeded CPU generator: the same seed gives the same image whatever the
+    batch or the device."""
+    images = pipe(
+        prompt=list(prompts),
+        height=size[0],
+        width=size[1],
+        num_inference_steps=steps,
+        guidance_scale=cfg_scale,
+        generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
+        output_type="np",
+        **pipeline_kwargs,
+    ).images
     return (images * 255).round().astype(np.uint8)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from conftrl.diffusion.sampling import SAMPLERS, seeded_images
 from conftrl.evaluation.measure import vae_round_trip
 from conftrl.metrics.fidelity import binary_f1, canny_edges
 from conftrl.metrics.scene import SceneScorer
@@ -25,10 +27,10 @@ def vae_quality(vae: AutoencoderKL, images: np.ndarray) -> dict[str, float]:
     against Canny of the original, strict and within 1 px. No generator that goes through this
     VAE can score higher edge fidelity than this."""
     reconstructed = round_trip(vae, images)
-    error = np.mean((images.astype(np.float64) - reconstructed) ** 2)
+    psnr = peak_signal_noise_ratio(*(torch.from_numpy(x).double() for x in (reconstructed, images)), data_range=255.0)
     edges = [(canny_edges(r), canny_edges(o)) for r, o in zip(reconstructed, images)]
     return {
-        "psnr_db": float(10 * np.log10(255**2 / max(error, 1e-10))),
+        "psnr_db": float(psnr),
         "edge_f1_ceiling_strict": float(np.mean([binary_f1(r, o) for r, o in edges])),
         "edge_f1_ceiling_1px": float(np.mean([binary_f1(r, o, tolerance_px=1) for r, o in edges])),
     }
@@ -38,24 +40,15 @@ def generate(
     pipe: StableDiffusionPipeline, captions: list[str], seeds: list[int], steps: int, cfg_scale: float, batch_size: int = 64
 ) -> np.ndarray:
     """uint8 images from DDIM with classifier-free guidance, one seeded CPU generator per image."""
-    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    ddim = SAMPLERS["ddim"].from_config(pipe.scheduler.config)
     sampler = StableDiffusionPipeline(**{**pipe.components, "scheduler": ddim}, requires_safety_checker=False)
     sampler.set_progress_bar_config(disable=True)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = []
-    for start in range(0, len(captions), batch_size):
-        images.append(
-            sampler(
-                prompt=captions[start : start + batch_size],
-                height=side,
-                width=side,
-                num_inference_steps=steps,
-                guidance_scale=cfg_scale,
-                generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]],
-                output_type="np",
-            ).images
-        )
-    return (np.concatenate(images) * 255).round().astype(np.uint8)
+    batches = range(0, len(captions), batch_size)
+    return np.concatenate([
+        seeded_images(sampler, captions[i : i + batch_size], seeds[i : i + batch_size], steps, cfg_scale, (side, side))
+        for i in batches
+    ])
 
 
 def scene_quality(
