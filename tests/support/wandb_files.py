@@ -11,6 +11,9 @@ def wandb_records(directory: Path) -> dict[str, list]:
 
     An offline run is a `.wandb` file: a 7-byte header, then `Record`s in LevelDB-log framing
     (32 KiB blocks; chunks with a 7-byte header: crc, length, type FULL/FIRST/MIDDLE/LAST).
+    The framing is read here because the wandb package ships no Python reader for it (its Go
+    core reads these files for `wandb sync` and has no command that prints them); the records
+    are wandb's own protobufs.
     """
     from wandb.proto import wandb_internal_pb2
 
