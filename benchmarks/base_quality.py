@@ -25,6 +25,8 @@ from conftrl.pretraining.data import held_out
 from conftrl.pretraining.evaluation import scene_quality, vae_quality
 from datamodules.shapesworld import COLORS, WorldSpec
 
+from measure import machine
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,6 +52,7 @@ def main() -> None:
         "scene": scene,
         "vae": vae_quality(pipe.vae, images),
         "seconds": round(time.perf_counter() - start, 1),
+        "machine": machine(),
     }
     print(json.dumps(report, indent=2))
 

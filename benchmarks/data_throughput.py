@@ -19,9 +19,7 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
@@ -30,6 +28,8 @@ import torch
 
 from datamodules import FolderDataModule, ShapesWorldDataModule
 from datamodules.annotators import CannyAnnotator
+
+from measure import cpu_model, seconds
 
 RESOLUTION, BATCH_SIZE = 512, 16
 CONTROLNET_FP32_SAMPLES_PER_S = 4000 * 4 / (50 * 60)  # ControlNet docs/train.md, A100 PCIe 40 GB
@@ -64,10 +64,7 @@ def samples_per_second(datamodule, batches: int) -> float:
     loader = datamodule.train_dataloader()
     stream = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
     next(stream)  # worker start-up and the first batch are not timed
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(stream)
-    return batches * BATCH_SIZE / (time.perf_counter() - start)
+    return batches * BATCH_SIZE / seconds(lambda: [next(stream) for _ in range(batches)])
 
 
 def main() -> None:
@@ -96,7 +93,7 @@ def main() -> None:
         "resolution": RESOLUTION,
         "batch_size": BATCH_SIZE,
         "control": "canny",
-        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
         "load_average_1min_before": round(load_before, 1),
         "results": results,
         "gpu_consumption_samples_per_s": {k: round(v, 1) for k, v in GPU_SAMPLES_PER_S.items()},

@@ -21,6 +21,8 @@ from conftrl.evaluation.scorers import control_edges
 from conftrl.metrics import canny_edges, edge_misses
 from conftrl.training.adapter import load_adapter
 
+from measure import markdown_table
+
 COLUMNS = ("strict_f1", "best_shift_f1", "exact", "within_1px", "farther")
 
 
@@ -43,10 +45,8 @@ def main() -> None:
         "real images through the VAE": fidelity_ceiling(items, edge_error_scores, args.batch_size, adapter.base.vae),
     }
     print(f"{len(items['caption'])} validation images, sampling {adapter.sampling()}\n")
-    print("| images | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
-    for name, scores in rows.items():
-        print(f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
+    cells = [[name, *(f"{scores[c]:.3f}" for c in COLUMNS)] for name, scores in rows.items()]
+    print("\n".join(markdown_table(["images", *COLUMNS], cells)))
 
 
 if __name__ == "__main__":

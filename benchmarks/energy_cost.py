@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -19,26 +18,13 @@ from conftrl.metrics import energy_summary, hyperspherical_energy
 from conftrl.oft import OFTConfig, OFTLayer, OFTModel
 from conftrl.training.methods import PAPER_UNET_TARGETS
 
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` runs, in seconds (synchronising CUDA around each)."""
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from measure import cpu_model, repeated
+from sd_models import sd_unet
 
 
-def sd15_unet(device: str) -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(cross_attention_dim=768, sample_size=64).to(device).eval()
+def best_of(fn, repeats: int, device: str) -> float:
+    """Fastest of ``repeats`` runs, in seconds."""
+    return min(repeated(fn, repeats, device=device))
 
 
 def main() -> None:
@@ -57,7 +43,7 @@ def main() -> None:
         "device": args.device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "seconds": {},
     }
     for dtype in (torch.float64, torch.float32):
@@ -65,18 +51,18 @@ def main() -> None:
         for name, weight in layers.items():
             weight = weight.to(args.device)
             report["seconds"][f"{name}/{tag}"] = best_of(
-                lambda: hyperspherical_energy(weight, dtype=dtype), args.repeats
+                lambda: hyperspherical_energy(weight, dtype=dtype), args.repeats, args.device
             )
 
     if not args.skip_unet:
         start = time.perf_counter()
-        unet = sd15_unet(args.device)
+        unet = sd_unet(64).to(args.device).eval()  # SD 1.5's UNet
         report["unet_build_s"] = time.perf_counter() - start
         for dtype in (torch.float64, torch.float32):
             tag = str(dtype).removeprefix("torch.")
             summaries = []
             report["seconds"][f"unet_all_linear_conv/{tag}"] = best_of(
-                lambda: summaries.append(energy_summary(unet, dtype=dtype)), 1
+                lambda: summaries.append(energy_summary(unet, dtype=dtype)), 1, args.device
             )
         report["unet_layers"] = len(summaries[-1].per_layer)
         report["unet_groups"] = len(summaries[-1].per_group)
@@ -85,7 +71,7 @@ def main() -> None:
         oft_model = OFTModel(unet, OFTConfig(r=4, target_modules=list(PAPER_UNET_TARGETS)))
         report["unet_oft_layers"] = sum(1 for _ in oft_model.oft_layers())
         report["seconds"]["unet_oft_layers/float32"] = best_of(
-            lambda: energy_summary(unet, layer_types=(OFTLayer,), dtype=torch.float32), 1
+            lambda: energy_summary(unet, layer_types=(OFTLayer,), dtype=torch.float32), 1, args.device
         )
     print(json.dumps(report, indent=2))
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -29,6 +27,8 @@ from torch import nn
 
 from conftrl import OFTConfig, OFTModel
 from conftrl.oft import OFTLayer
+
+from measure import device_name, interleaved, markdown_table
 
 R = 4
 
@@ -147,11 +147,6 @@ def make_methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
     }
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def step(model: nn.Module, x: torch.Tensor, autocast: Optional[torch.dtype], device: str) -> torch.Tensor:
     with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
         out = model(x)
@@ -182,22 +177,16 @@ def time_methods(models: dict[str, nn.Module], x, autocast, device: str, repeats
     one method later, so no method keeps one place in the order: in a fixed order, conftrl's
     automatic form, right after the frozen layer, read 10-12 % slower than the identical
     computation pinned later in the round."""
-    for model in models.values():
-        for _ in range(warmup):
-            step(model, x, autocast, device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    for round_index in range(repeats):
-        start_at = round_index % len(names)
-        for name in names[start_at:] + names[:start_at]:
-            model = models[name]
-            synchronize(device)
-            start = time.perf_counter()
-            step(model, x, autocast, device)
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+
+    def call(model: nn.Module):
+        def step_from_zero() -> None:
             model.zero_grad(set_to_none=True)
             x.grad = None
+            step(model, x, autocast, device)
+
+        return step_from_zero
+
+    times = interleaved({name: call(model) for name, model in models.items()}, repeats, warmup, device)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -232,17 +221,14 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| layer | method | trainable | ms | × frozen | predicted × | saved for backward (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+    header = ("layer", "method", "trainable", "ms", "× frozen", "predicted ×", "saved for backward (MiB)")
+    cells = [
+        [row["shape"], row["method"], f"{row['trainable']:,}", f"{row['ms']:.1f}", f"{row['ratio_to_frozen']:.2f}",
+         f"{row['predicted_oft_ratio']:.2f}" if row["method"] == "conftrl OFT" and row["predicted_oft_ratio"] else "",
+         f"{row['saved_mib']:.1f}"]
+        for row in rows
     ]
-    for row in rows:
-        predicted = f"{row['predicted_oft_ratio']:.2f}" if row["method"] == "conftrl OFT" and row["predicted_oft_ratio"] else ""
-        lines.append(
-            f"| {row['shape']} | {row['method']} | {row['trainable']:,} | {row['ms']:.1f} | "
-            f"{row['ratio_to_frozen']:.2f} | {predicted} | {row['saved_mib']:.1f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(header, cells, align="llrrrrr"))
 
 
 def summary(rows: list[dict]) -> str:
@@ -270,8 +256,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the largest shapes")
     parser.add_argument("--out", default=None, help="write rows as JSON here")
     args = parser.parse_args()
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"device: {device_name}, threads: {torch.get_num_threads()}, dtype: {args.dtype}, torch {torch.__version__}")
+    device = device_name(args.device)
+    print(f"device: {device}, threads: {torch.get_num_threads()}, dtype: {args.dtype}, torch {torch.__version__}")
     rows = run(args)
     print()
     print(markdown(rows))
@@ -279,7 +265,7 @@ def main() -> None:
     print(summary(rows))
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"device": device_name, "dtype": args.dtype, "rows": rows}, handle, indent=2)
+            json.dump({"device": device, "dtype": args.dtype, "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

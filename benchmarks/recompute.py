@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from train_step import SD100M_UNET, SD_TOKENS, round_robin
 
 from conftrl.oft import OFTConfig, OFTModel, OFTRotation, checkpoint_keeping_rotations
 from conftrl.training.methods import PAPER_UNET_TARGETS
+
+from measure import device_name, repeated, round_robin, seconds
+from sd_models import SD100M_UNET, SD_TEXT_WIDTH, SD_TOKENS, sd_unet
 
 # UNet arguments, latent size; `small` is for smoke tests.
 MODELS = {
@@ -45,8 +45,7 @@ MODES = ("off", "recompute", "keep")
 
 def build(model: str, device: str, r: int = 4) -> tuple[OFTModel, list[OFTRotation], int]:
     arguments, latent = MODELS[model]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768, **arguments).to(device)
+    unet = sd_unet(latent, **arguments).to(device)
     unet.requires_grad_(False)
     wrapped = OFTModel(unet, OFTConfig(r=r, target_modules=list(PAPER_UNET_TARGETS), init_weights=False))
     rotations = [m for m in wrapped.modules() if isinstance(m, OFTRotation)]
@@ -60,33 +59,23 @@ def set_mode(unet: UNet2DConditionModel, mode: str) -> None:
         unet.enable_gradient_checkpointing(checkpoint_keeping_rotations if mode == "keep" else None)
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def step(wrapped: OFTModel, inputs: tuple, dtype, device: str) -> float:
     """Seconds for one forward + backward; gradients are left in the adapters."""
     wrapped.zero_grad(set_to_none=True)
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-        prediction = wrapped(*inputs).sample
-    prediction.float().pow(2).mean().backward()
-    synchronize(device)
-    return time.perf_counter() - start
+
+    def forward_backward() -> None:
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            prediction = wrapped(*inputs).sample
+        prediction.float().pow(2).mean().backward()
+
+    return seconds(forward_backward, device)
 
 
 def cayley_cost(rotations: list[OFTRotation], repeats: int, device: str) -> float:
     """Median seconds to build every layer's blocks once (forward and backward)."""
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        sum(rotation.blocks().sum() for rotation in rotations).backward()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(
+        repeated(lambda: sum(rotation.blocks().sum() for rotation in rotations).backward(), repeats, device=device)
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = (
         torch.randn(args.batch, 4, latent, latent, generator=generator).to(args.device),
         torch.full((args.batch,), 500, device=args.device),
-        torch.randn(args.batch, SD_TOKENS, 768, generator=generator).to(args.device),
+        torch.randn(args.batch, SD_TOKENS, SD_TEXT_WIDTH, generator=generator).to(args.device),
     )
 
     times = {mode: [] for mode in modes}
@@ -136,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     scale = float(gradients["recompute"].abs().max())
     report = {
         "model": args.model, "batch": args.batch, "r": args.r, "device": args.device, "dtype": args.dtype,
-        "card": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "card": device_name(args.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "oft_layers": len(rotations),
         "median_s": median, "times_s": times,
         "ratio_to_recompute": {mode: median[mode] / median["recompute"] for mode in modes},

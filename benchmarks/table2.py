@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -59,7 +58,6 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from learning_curves import plot_curves, save_figure
 from omegaconf import DictConfig, OmegaConf
 
 from conftrl.config import config_dir, register_resolvers
@@ -71,6 +69,9 @@ from conftrl.evaluation.scorers import FIDELITY_SCORERS
 from conftrl.training.adapter import CONFIG_FILE, check_targets
 from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import ControlModule
+
+from learning_curves import plot_curves, save_figure
+from measure import machine
 
 PAPER_TASKS = ("canny", "seg")  # the paper's Table 2 has canny, segmentation and landmarks
 TASKS = (*PAPER_TASKS, "depth")
@@ -463,14 +464,6 @@ def task_report(task: str, out: Path, plan: Plan) -> dict | None:
         "best": None if best is None else {"method": best, "final": finals[best], "target": target},
         "sweeps": sweeps, "methods": rows,
     }
-
-
-def machine() -> dict:
-    """Where the wall times were measured: the CPU and torch (the threads are each call's)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.is_file() else []
-    return {"cpu": models[0] if models else platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def render(out: Path, plan: Plan) -> dict:

@@ -35,9 +35,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -47,27 +45,20 @@ from typing import Callable, Iterator, Optional
 
 import peft  # imported before any memory baseline: it is part of the runtime, not of a method
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from lightning import Callback, Trainer
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
 from conftrl.training.methods import PAPER_UNET_TARGETS, FullMethod, LoRAMethod, Method, OFTMethod
 from conftrl.training.module import ControlModule
 
-SD_TOKENS = 77
-SD_VAE_CHANNELS = (128, 256, 512, 512)
-SD100M_UNET = dict(
-    block_out_channels=(192, 384, 768),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    attention_head_dim=8,
-)
+from measure import PeakMemory, device_name, in_fresh_process, markdown_table, round_robin, synchronize
+from sd_models import SD100M_UNET, SD_TOKENS, SD_VAE_CHANNELS, sd_text_encoder, sd_unet, sd_vae
+
 CAPTION = "a red circle left of a blue square"
 
 
@@ -113,28 +104,6 @@ ACCELERATORS = {"cpu": "cpu", "cuda": "gpu"}
 # --- models -----------------------------------------------------------------------------------
 
 
-def sd_vae(width_divisor: int, resolution: int) -> AutoencoderKL:
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * len(SD_VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(SD_VAE_CHANNELS),
-        block_out_channels=tuple(c // width_divisor for c in SD_VAE_CHANNELS),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=resolution,
-    )
-
-
-def sd_text_encoder(tokenizer) -> CLIPTextModel:
-    """SD 1.5's text encoder (CLIP ViT-L/14's text tower); CLIPTextConfig's defaults give the rest."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768,
-            max_position_embeddings=SD_TOKENS, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-
-
 def random_base(workload: Workload) -> DiffusionBase:
     """The workload's architecture with random weights, frozen as `load_base` leaves a base.
 
@@ -142,11 +111,7 @@ def random_base(workload: Workload) -> DiffusionBase:
     which are SD's; their cost does not depend on the vocabulary."""
     parts = build_tiny_pipeline(workload.spec or TinySpec(max_tokens=SD_TOKENS)).components
     if workload.spec is None:
-        torch.manual_seed(0)
-        parts["unet"] = UNet2DConditionModel(
-            sample_size=workload.resolution // 2 ** (len(SD_VAE_CHANNELS) - 1), cross_attention_dim=768,
-            **workload.unet,
-        )
+        parts["unet"] = sd_unet(workload.resolution // 2 ** (len(SD_VAE_CHANNELS) - 1), **workload.unet)
         parts["vae"] = sd_vae(workload.vae_width_divisor, workload.resolution)
         parts["text_encoder"] = sd_text_encoder(parts["tokenizer"])
     base = DiffusionBase(
@@ -223,64 +188,25 @@ METHODS: dict[str, Callable[[UNet2DConditionModel], Method]] = {
 # --- one method, measured -----------------------------------------------------------------------
 
 
-class PeakMemory:
-    """The most memory this process held inside the block, above what it held on entering it.
-
-    GPU: `torch.cuda.max_memory_allocated` after resetting the peak (the CUDA context is not
-    counted). CPU: the kernel's resident-set high-water mark, VmHWM of /proc/self/status,
-    minus the RSS on entry (the interpreter and imported libraries). Not getrusage's
-    ru_maxrss: Linux carries that over exec from the parent, so a child started by a large
-    parent would report the parent's peak. Run in a fresh process, the mark is this block's.
-    """
-
-    def __init__(self, device: str):
-        self.device, self.bytes = device, 0
-
-    def _now(self, peak: bool) -> int:
-        if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
-        key = "VmHWM:" if peak else "VmRSS:"
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
-        return int(line.split()[1]) * 1024
-
-    def __enter__(self) -> PeakMemory:
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        self.start = self._now(peak=False)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bytes = self._now(peak=True) - self.start
-
-
 class StepTimes(Callback):
     """Wall time of every training batch, from Lightning's batch start (after the batch reached
     the device) to its end (after `optimizer.step()`)."""
 
     def __init__(self, device: str):
-        self.synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+        self.device = device
         self.times: list[float] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.synchronize()
+        synchronize(self.device)
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.synchronize()
+        synchronize(self.device)
         self.times.append(time.perf_counter() - self.start)
 
 
 def trainable(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def fit(module: ControlModule, workload: Workload, settings: Settings, steps: int, callbacks=()) -> None:
@@ -294,7 +220,7 @@ def fit(module: ControlModule, workload: Workload, settings: Settings, steps: in
     trainer.fit(module, train_dataloaders=DataLoader([random_batch(workload)] * steps, batch_size=None))
 
 
-def measure(workload: Workload, method_name: str, settings: Settings) -> dict:
+def measure_method(workload: Workload, method_name: str, settings: Settings) -> dict:
     """Fit `method_name` on `workload` for warm-up + repeated steps in this process."""
     torch.set_num_threads(settings.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -326,40 +252,7 @@ def measure(workload: Workload, method_name: str, settings: Settings) -> dict:
     }
 
 
-def in_fresh_process(function: Callable, *args):
-    """`function(*args)` in a new interpreter (spawn, not fork), so its memory high-water mark,
-    allocator caches and CUDA context belong to this call alone."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
-# --- ratios and the issue's targets ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """oft's `quantity` divided by the `against` method's must not exceed `limit`, on `device` /
-    `precision` when given."""
-
-    quantity: str  # a result key
-    against: str
-    limit: float
-    device: Optional[str] = None
-    precision: Optional[str] = None
-
-    def applies(self, settings: Settings) -> bool:
-        return self.device in (None, settings.device) and self.precision in (None, settings.precision)
-
-
-TARGETS = (
-    Target("median_s", "floor", 1.15),
-    Target("median_s", "peft_oft", 1.0, device="cpu"),
-    Target("median_s", "peft_oft", 0.8, device="cuda", precision="bf16"),
-    Target("median_s", "peft_lora", 1.2),
-    Target("peak_memory_bytes", "controlnet", 0.6),
-    Target("peak_memory_bytes", "peft_lora", 1.05),
-)
-QUANTITY_NAMES = {"median_s": "time", "peak_memory_bytes": "memory"}
+# --- ratios -----------------------------------------------------------------------------------
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -373,24 +266,13 @@ def add_ratios(results: list[dict]) -> None:
         )
 
 
-def check_targets(results: list[dict], settings: Settings) -> list[dict]:
-    """The targets that apply and whose two methods were both measured."""
-    by_method = {r["method"]: r for r in results}
-    checks = []
-    for target in TARGETS:
-        if target.applies(settings) and {"oft", target.against} <= by_method.keys():
-            value = by_method["oft"][target.quantity] / by_method[target.against][target.quantity]
-            checks.append({**dataclasses.asdict(target), "value": value, "passed": value <= target.limit})
-    return checks
-
-
 def run_method(workload: Workload, method: str, settings: Settings, isolated: bool) -> dict:
     """The method's result; in a fresh process when `isolated`, where a failure (say, out of
     memory) is recorded as the result so the other methods still run."""
     if not isolated:
-        return measure(workload, method, settings)
+        return measure_method(workload, method, settings)
     try:
-        return in_fresh_process(measure, workload, method, settings)
+        return in_fresh_process(measure_method, workload, method, settings)
     except Exception as error:
         return {"method": method, "error": f"{type(error).__name__}: {error}"}
 
@@ -409,31 +291,18 @@ def pooled(runs: list[dict]) -> dict:
             "rounds": len(runs)}
 
 
-def round_robin(methods: list[str], rounds: int) -> Iterator[str]:
-    """The methods once per round, each round starting one method later.
-
-    In a fixed order the method run right after the floor read slowest: at 115 M, OFT 1.24x
-    the floor against COFT's 1.12x, though COFT does the same multiply-adds and more. Over
-    len(methods) rounds every method holds every place once."""
-    for round_index in range(rounds):
-        start = round_index % len(methods)
-        yield from methods[start:] + methods[:start]
-
-
 def benchmark(
     workload: Workload, methods: list[str], settings: Settings, isolated: bool = True
 ) -> Iterator[tuple[str, dict]]:
     """Yields the method just run and the workload's entry (one dict, growing), round after round."""
-    entry = {**dataclasses.asdict(workload), "spec": None, "results": [], "checks": []}
+    entry = {**dataclasses.asdict(workload), "spec": None, "results": []}
     if workload.spec is not None:
         entry["spec"] = {k: v for k, v in dataclasses.asdict(workload.spec).items() if k != "words"}
     runs: dict[str, list[dict]] = {}
     for method in round_robin(methods, settings.rounds):
         runs.setdefault(method, []).append(run_method(workload, method, settings, isolated))
         entry["results"] = [pooled(method_runs) for method_runs in runs.values()]
-        measured = [r for r in entry["results"] if "error" not in r]
-        add_ratios(measured)
-        entry["checks"] = check_targets(measured, settings)
+        add_ratios([r for r in entry["results"] if "error" not in r])
         yield method, entry
 
 
@@ -444,26 +313,18 @@ def ratio(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def check_cells(entry: dict) -> dict[str, str]:
-    """method -> its check column: oft's ratio to that method against the issue's limit."""
-    cells: dict[str, list[str]] = {}
-    for check in entry["checks"]:
-        mark = "✓" if check["passed"] else "✗"
-        cells.setdefault(check["against"], []).append(
-            f"oft {QUANTITY_NAMES[check['quantity']]} {check['value']:.2f} ≤ {check['limit']} {mark}"
-        )
-    return {method: "; ".join(texts) for method, texts in cells.items()}
+COLUMNS = ("method", "trainable", "of which UNet", "step (s)", "× floor", "GFLOP", "× floor", "peak memory (MiB)",
+           "× floor")
 
 
-def result_row(r: dict, check: str) -> str:
+def result_row(r: dict) -> list[str]:
     if "error" in r:
-        return f"| {r['method']} | failed: {r['error'][:200]} | | | | | | | | |"
-    return (
-        f"| {r['method']} | {r['trainable_parameters']:,} | {r['trainable_unet_parameters']:,} | {r['median_s']:.3f} "
-        f"| {ratio(r['ratio_to_floor'])} | {r['flops'] / 1e9:,.0f} | {ratio(r['flops_ratio_to_floor'])} "
-        f"| {r['peak_memory_bytes'] / 2**20:,.0f} | {ratio(r['memory_ratio_to_floor'])} "
-        f"| {check} |"
-    )
+        return [r["method"], f"failed: {r['error'][:200]}", *[""] * (len(COLUMNS) - 2)]
+    return [
+        r["method"], f"{r['trainable_parameters']:,}", f"{r['trainable_unet_parameters']:,}", f"{r['median_s']:.3f}",
+        ratio(r["ratio_to_floor"]), f"{r['flops'] / 1e9:,.0f}", ratio(r["flops_ratio_to_floor"]),
+        f"{r['peak_memory_bytes'] / 2**20:,.0f}", ratio(r["memory_ratio_to_floor"]),
+    ]
 
 
 def workload_markdown(entry: dict) -> list[str]:
@@ -481,14 +342,7 @@ def workload_markdown(entry: dict) -> list[str]:
             f"against oft's {oft['trainable_unet_parameters']:,}.",
             "",
         ]
-    checks = check_cells(entry)
-    lines += [
-        "| method | trainable | of which UNet | step (s) | × floor | GFLOP | × floor | peak memory (MiB) | × floor "
-        "| check (issue target) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *(result_row(r, checks.get(r["method"], "")) for r in entry["results"]),
-    ]
-    return lines + [""]
+    return [*lines, *markdown_table(COLUMNS, map(result_row, entry["results"])), ""]
 
 
 def rounds_text(rounds: int) -> str:

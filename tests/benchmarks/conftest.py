@@ -6,9 +6,8 @@ packages, and every conftest is a module `conftest`); its fixtures are re-export
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -35,38 +34,18 @@ def fast_overrides(tiny_base) -> list[str]:
     return [f"model.path={tiny_base}", *training.FAST]
 
 
-def _benchmark_script(name: str) -> Iterator[ModuleType]:
-    """benchmarks/<name>.py as a module (benchmarks/ is no package), registered in sys.modules
-    while in use so that its dataclasses resolve, with benchmarks/ on the import path as when the
-    script runs (one script may import another)."""
-    folder = Path(__file__).parents[2] / "benchmarks"
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(folder))
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(folder))
-        del sys.modules[spec.name]
+def _benchmark(name: str):
+    """A fixture giving benchmarks/<name>.py as a module: pytest's `pythonpath` puts benchmarks/
+    on the import path, as Python does for a script run from there."""
+
+    @pytest.fixture(scope="module")
+    def module() -> ModuleType:
+        return importlib.import_module(name)
+
+    return module
 
 
-@pytest.fixture(scope="module")
-def table2() -> Iterator[ModuleType]:
-    yield from _benchmark_script("table2")
-
-
-@pytest.fixture(scope="module")
-def train_step() -> Iterator[ModuleType]:
-    yield from _benchmark_script("train_step")
-
-
-@pytest.fixture(scope="module")
-def edge_errors() -> Iterator[ModuleType]:
-    yield from _benchmark_script("edge_errors")
-
-
-@pytest.fixture(scope="module")
-def recompute() -> Iterator[ModuleType]:
-    yield from _benchmark_script("recompute")
+table2 = _benchmark("table2")
+train_step = _benchmark("train_step")
+edge_errors = _benchmark("edge_errors")
+recompute = _benchmark("recompute")

@@ -61,18 +61,16 @@ def test_trainable_parameters_are_what_each_method_trains(entry):
     assert full["trainable_parameters"] == unet + encoder
 
 
-def test_report_holds_a_row_and_the_applicable_targets(train_step, entry):
+def test_report_holds_a_row_per_method(train_step, entry):
     settings = train_step.Settings()
     report = {
         "torch": torch.__version__, **vars(settings), "cpu_count": 1,
         "load_average": {"start": (0.0,) * 3, "end": (0.0,) * 3}, "workloads": [entry],
     }
-    markdown = train_step.to_markdown(report)
-    for method in train_step.METHODS:
-        assert f"| {method} |" in markdown
-    checked = {(c["quantity"], c["against"]) for c in entry["checks"]}
-    # On a CPU the GPU-only bf16 target does not apply; the others do.
-    assert checked == {(t.quantity, t.against) for t in train_step.TARGETS if t.device != "cuda"}
+    table = [line for line in train_step.to_markdown(report).splitlines() if line.startswith("|")]
+    assert table[0] == "| " + " | ".join(train_step.COLUMNS) + " |"
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {method}" for method in train_step.METHODS]
+    assert all(line.count("|") == len(train_step.COLUMNS) + 1 for line in table)
 
 
 def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypatch):
@@ -95,3 +93,4 @@ def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypat
     assert oft["step_times_s"] == [2.02, 2.03, 2.06] and oft["median_s"] == 2.03 and oft["peak_memory_bytes"] == 3
     assert oft["ratio_to_floor"] == 2.03 / 1.04 and oft["flops_ratio_to_floor"] == 1.1
     assert train_step.rounds_text(1) == "" and "each of 3 rounds" in train_step.rounds_text(3)
+
