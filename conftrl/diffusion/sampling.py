@@ -53,7 +53,7 @@ def seeded_images(
     pipe, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: tuple[int, int], **pipeline_kwargs
 ) -> np.ndarray:
     """uint8 B×H×W×3 from a diffusers text-to-image pipeline, one image per (prompt, seed),
-    each from its own seeded CPU generator: the same seed gives the same image whatever the
+    each from its own seeded CPU generator: the same seed draws the same noise whatever the
     batch or the device."""
     images = pipe(
         prompt=list(prompts),
