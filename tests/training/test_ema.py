@@ -62,3 +62,19 @@ def test_exported_adapter_holds_the_average(make_config, tmp_path):
     exported = load_adapter(cfg.export_dir).control.encoder.state_dict()
     name = next(n for n in exported if not torch.equal(average[f"control.encoder.{n}"], checkpoint["state_dict"][f"control.encoder.{n}"]))
     assert torch.equal(exported[name], average[f"control.encoder.{name}"])  # not the live weights
+
+
+def test_resumed_run_continues_the_average(make_config, tmp_path):
+    """Interrupted at step 2 and resumed to 4, a run exports the average an uninterrupted run does."""
+    common = ["experiment=canny_coft", "callbacks=[default,ema]", "callbacks.ema.decay=0.5",
+              "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.val_check_interval=2"]
+    straight = make_config(*common, "trainer.max_steps=4", output_dir=tmp_path / "straight")
+    train(straight)
+    train(make_config(*common, "trainer.max_steps=2", output_dir=tmp_path / "resumed"))
+    resumed = make_config(*common, "trainer.max_steps=4", "ckpt_path=last", output_dir=tmp_path / "resumed")
+    train(resumed)
+    expected = load_adapter(straight.export_dir).control.encoder.state_dict()
+    exported = load_adapter(resumed.export_dir).control.encoder.state_dict()
+    assert any(not torch.equal(v, 0 * v) for v in expected.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-7)
