@@ -254,6 +254,6 @@ def test_rerun_trains_only_what_is_missing(table2, replication, monkeypatch):
     monkeypatch.setattr(subprocess, "run", training)
     again = table2.replicate(out, ["canny"], CANNY_METHODS, plan)
     assert len(commands) == 1 and f"hydra.sweep.subdir=runs/{lost.name}" in commands[0]
-    assert f"method.lr={float(lost.name.split('_lr')[1])!r}" in commands[0]
+    assert f"module.optimizer.lr={float(lost.name.split('_lr')[1])!r}" in commands[0]
     assert "trainer.max_steps=2" in commands[0] and "ckpt_path=last" not in commands[0]  # nothing to resume
     assert again["tasks"]["canny"]["sweeps"] == report["tasks"]["canny"]["sweeps"]
