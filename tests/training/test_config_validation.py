@@ -40,7 +40,12 @@ MISTAKES = {
     "metric": (["callbacks.control_fidelity.metric=f1"], ["callbacks.control_fidelity.metric='f1'", "'edge_f1'"]),
     "scheduler": (["module.lr_scheduler.name=cosin"], ["module.lr_scheduler.name='cosin'", "'cosine'"]),
     "a module argument": (["module.seed=first"], ["module.seed='first'", "valid integer"]),
+    "a node inside a group's": (
+        ["annotator=depth_dnn", "annotator.estimator.path=.", "annotator.estimator.near_is_larger=maybe"],
+        ["annotator.estimator.near_is_larger='maybe'", "valid boolean"],
+    ),
     "a key the method does not take": (["method=full"], ["method.eps: unknown key", "control_path"]),
+    "ControlNet without its control path": (["method=controlnet"], ["method.control_path='multiscale'", "Input should be 'controlnet'"]),
     "a trainer argument": (["trainer.max_steps=many"], ["trainer.max_steps='many'", "valid integer"]),
 }
 
