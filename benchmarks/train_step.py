@@ -6,8 +6,9 @@ as the default trainer config, AdamW `optimizer.step()`) on a fixed random batch
 Canny-like controls and captions. Every model is built with random weights in memory; nothing
 is downloaded. Methods (all but `controlnet` use the paper's control encoder on `conv_in`):
 
-* floor — the control encoder alone, the UNet frozen: the loss backpropagates through the
-  whole UNet to `conv_in`'s output, the least any adapter with this control path pays;
+* floor — `ControlOnlyMethod`: the control encoder alone, the UNet frozen; the loss
+  backpropagates through the whole UNet to `conv_in`'s output, the least any adapter with this
+  control path pays;
 * oft / coft — conftrl OFT r = 4 (exact Cayley) on the paper's targets; coft with eps = 1e-3;
 * peft_oft — PEFT's OFT with the same blocks (see `PeftOFTMethod`);
 * peft_lora — conftrl's LoRA method (PEFT) at the rank whose parameter count is nearest OFT's;

@@ -55,7 +55,8 @@ ADAPTER_TARGETS = frozenset({
 # former base class, `Method`, trained the control path alone (the ControlNet baseline used it).
 MOVED_TARGETS = {
     **{f"conftrl.methods.{name}": f"conftrl.training.methods.{name}" for name in ("OFTMethod", "LoRAMethod", "FullMethod")},
-    **dict.fromkeys(("conftrl.methods.Method", "conftrl.training.methods.Method"), "conftrl.training.methods.ControlOnlyMethod"),
+    "conftrl.methods.Method": "conftrl.training.methods.ControlOnlyMethod",
+    "conftrl.training.methods.Method": "conftrl.training.methods.ControlOnlyMethod",
 }
 
 

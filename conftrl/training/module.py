@@ -144,7 +144,8 @@ class ControlModule(LightningModule):
         optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
         if self.make_lr_schedule is None:
             return optimizer
-        schedule = self.make_lr_schedule(optimizer=optimizer, num_training_steps=self.trainer.estimated_stepping_batches)
+        steps = self.trainer.estimated_stepping_batches
+        schedule = self.make_lr_schedule(optimizer=optimizer, num_training_steps=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- sampling (for callbacks, generate and evaluate) --------------------------------------
