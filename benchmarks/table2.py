@@ -55,10 +55,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion import load_base
@@ -66,7 +65,7 @@ from conftrl.evaluation.measure import fidelity_ceiling, first_items
 from conftrl.evaluation.report import fidelity_table
 from conftrl.evaluation.report import format_number as number
 from conftrl.evaluation.scorers import FIDELITY_SCORERS
-from conftrl.training.adapter import CONFIG_FILE, check_targets
+from conftrl.training.adapter import CONFIG_FILE, FORMER_OPTIMISER_KEYS, read_adapter_config
 from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import ControlModule
 
@@ -263,7 +262,7 @@ def method_overrides(run: Run, plan: Plan) -> list[str]:
     rank = plan.lora_matched_rank
     return [
         *([f"method.r={rank}", f"method.alpha={rank}"] if run.method == "lora_matched" else []),
-        *([] if run.lr is None else [f"method.lr={run.lr!r}"]),
+        *([] if run.lr is None else [f"module.optimizer.lr={run.lr!r}"]),
     ]
 
 
@@ -379,10 +378,7 @@ def replicate(out: Path, tasks: list[str], methods: list[str], plan: Plan) -> di
 def run_config(run: Run, out: Path) -> DictConfig:
     """The resolved config of the run's last training call, as its adapter folder records it;
     its data is instantiated, so it may name only the classes an adapter may (`check_targets`)."""
-    path = run.directory(out) / "adapter" / CONFIG_FILE
-    config = OmegaConf.load(path)
-    check_targets(config, path)
-    return config
+    return read_adapter_config(run.directory(out) / "adapter" / CONFIG_FILE)
 
 
 def fidelity_ceilings(config: DictConfig) -> dict[str, float]:
@@ -423,7 +419,7 @@ def method_row(run: Run, out: Path, ceilings: dict[str, float], schedule: Schedu
     steps = max(primary)
     return {
         "run_dir": str(run.directory(out).relative_to(out)),
-        "lr": None if run.is_base else run.lr if run.lr is not None else float(run_config(run, out).method.lr),
+        "lr": None if run.is_base else run.lr if run.lr is not None else float(run_config(run, out).module.optimizer.lr),
         "steps": steps,
         "stopped": "base" if run.is_base else "failed" if failure(run, out) else stop_reason(primary, schedule),
         "trainable_parameters": 0 if run.is_base else int(run_config(run, out).trainable_parameters),
@@ -596,8 +592,18 @@ def requested_plan(args: argparse.Namespace) -> dict:
     return {
         **({"schedule": schedule} if schedule else {}),
         **({"lr_grids": {method: list(lrs) for method, lrs in args.lr_grid}} if args.lr_grid else {}),
-        **({"overrides": list(args.overrides)} if args.overrides else {}),
+        **({"overrides": [current_override(o) for o in args.overrides]} if args.overrides else {}),
     }
+
+
+def current_override(override: str) -> str:
+    """A Hydra override in today's keys: plans written before the optimiser became the module's
+    set its learning rate as `method.lr` (and its kin), today `module.optimizer.lr`."""
+    key, is_set, value = override.partition("=")
+    former = key.removeprefix("method.")
+    if key.startswith("method.") and former in FORMER_OPTIMISER_KEYS:
+        return f"module.{FORMER_OPTIMISER_KEYS[former]}{is_set}{value}"
+    return override
 
 
 def conflicts(stored: dict, requested: dict, prefix: str = "") -> list[str]:
@@ -617,6 +623,7 @@ def load_plan(out: Path, requested: dict, tasks: list[str]) -> Plan:
     path = Path(out) / PLAN_FILE
     if path.is_file():
         stored = json.loads(path.read_text())
+        stored["overrides"] = [current_override(o) for o in stored["overrides"]]
         if found := conflicts(stored, requested):
             raise SystemExit(f"{path} was planned with other settings ({'; '.join(found)}): repeat the first "
                              "call's options or leave them out, or use another --out")

@@ -6,8 +6,9 @@ as the default trainer config, AdamW `optimizer.step()`) on a fixed random batch
 Canny-like controls and captions. Every model is built with random weights in memory; nothing
 is downloaded. Methods (all but `controlnet` use the paper's control encoder on `conv_in`):
 
-* floor — the control encoder alone, the UNet frozen: the loss backpropagates through the
-  whole UNet to `conv_in`'s output, the least any adapter with this control path pays;
+* floor — `ControlOnlyMethod`: the control encoder alone, the UNet frozen; the loss
+  backpropagates through the whole UNet to `conv_in`'s output, the least any adapter with this
+  control path pays;
 * oft / coft — conftrl OFT r = 4 (exact Cayley) on the paper's targets; coft with eps = 1e-3;
 * peft_oft — PEFT's OFT with the same blocks (see `PeftOFTMethod`);
 * peft_lora — conftrl's LoRA method (PEFT) at the rank whose parameter count is nearest OFT's;
@@ -53,7 +54,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftrl.diffusion import DiffusionBase
 from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
-from conftrl.training.methods import PAPER_UNET_TARGETS, FullMethod, LoRAMethod, Method, OFTMethod
+from conftrl.training.methods import (
+    PAPER_UNET_TARGETS, Adapted, ControlNetMethod, ControlOnlyMethod, FullMethod, LoRAMethod, Method, OFTMethod,
+)
 from conftrl.training.module import ControlModule
 
 from measure import PeakMemory, device_name, in_fresh_process, markdown_table, round_robin, synchronize
@@ -150,13 +153,14 @@ class PeftOFTMethod(Method):
     control_path: str = "conv_in"
     r: int = 4
 
-    def adapt(self, base: DiffusionBase) -> None:
+    def adapt(self, base: DiffusionBase) -> Adapted:
         config = peft.OFTConfig(
             r=self.r, oft_block_size=0, use_cayley_neumann=False, target_modules=list(PAPER_UNET_TARGETS)
         )
         peft.inject_adapter_in_model(config, base.unet)
         for name, parameter in base.unet.named_parameters():
             parameter.requires_grad_("oft_" in name)
+        return {"unet": base.unet}
 
 
 def adapter_parameters(method: Method, unet_config) -> int:
@@ -175,12 +179,12 @@ def lora_rank_matching_oft(unet: UNet2DConditionModel) -> int:
 
 
 METHODS: dict[str, Callable[[UNet2DConditionModel], Method]] = {
-    "floor": lambda unet: Method(name="floor", control_path="conv_in"),
+    "floor": lambda unet: ControlOnlyMethod(control_path="conv_in"),
     "oft": lambda unet: OFTMethod(name="oft", r=4, coft=False, use_cayley_neumann=False),
     "coft": lambda unet: OFTMethod(name="coft", r=4, coft=True, eps=1e-3, use_cayley_neumann=False),
     "peft_oft": lambda unet: PeftOFTMethod(),
     "peft_lora": lambda unet: LoRAMethod(name="peft_lora", r=lora_rank_matching_oft(unet)),
-    "controlnet": lambda unet: Method(name="controlnet", control_path="controlnet"),
+    "controlnet": lambda unet: ControlNetMethod(),
     "full": lambda unet: FullMethod(),
 }
 

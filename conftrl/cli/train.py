@@ -23,7 +23,7 @@ from conftrl.diffusion import load_base
 from conftrl.training.adapter import INPUT_ERRORS, export_adapter
 from conftrl.training.checkpoints import CheckpointError, resume_path
 from conftrl.training.loggers import finish_wandb_run, keep_wandb_files_in_run_dir
-from conftrl.training.module import CheckpointMismatchError, ControlModule
+from conftrl.training.module import CheckpointMismatchError
 from conftrl.utils.atomic import DiskFullError
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False
     )
-    module = ControlModule(
-        load_base(cfg.model.path), method, cfg.model.gradient_checkpointing, cfg.seed,
-        cfg.loss.snr_gamma, cfg.loss.timesteps,
-    )
+    module = instantiate(cfg.module)(base=load_base(cfg.model.path), method=method)
     keep_wandb_files_in_run_dir(trainer)
     run_info = {"trainable_parameters": module.num_trainable_parameters}
     log.info("method %s: %s trainable parameters", cfg.method.name, f"{module.num_trainable_parameters:,}")

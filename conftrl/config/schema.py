@@ -2,14 +2,15 @@
 
 The schema of a config node with a `_target_` is the signature of the class it names: its
 annotations (types, `Literal` choices, `annotated_types` bounds such as `Ge(1)`) are checked by
-pydantic, so code and config cannot drift apart and no key needs a checker of its own. The
-few nodes without a target (`sampling`, `loss`) have pydantic models here. A mistake is
-reported as the config key, the value and what is allowed, all mistakes at once.
+pydantic, so code and config cannot drift apart and no key needs a checker of its own. Library
+callables whose signatures leave a bound out get it from `LIBRARY_RULES`. A partial node
+(`_partial_: true`) may leave out the arguments its caller completes it with. The few nodes
+without a target (`sampling`, `loss`) have pydantic models here. A mistake is reported as the
+config key, the value and what is allowed, all mistakes at once.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import json
@@ -23,6 +24,7 @@ from typing import Annotated, Any, Literal, Optional
 import torch
 from annotated_types import Ge, Gt
 from diffusers import UNet2DConditionModel
+from diffusers.optimization import SchedulerType, get_scheduler
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -34,6 +36,19 @@ from conftrl.diffusion.sampling import SAMPLERS
 
 # diffusers' Stable Diffusion pipelines need image sides divisible by 8, whatever the VAE.
 PIPELINE_MULTIPLE = 8
+
+
+# Bounds that library signatures do not state, checked as if they were annotated there: torch's
+# optimisers check their settings only when built, with the trainable weights (and accept a
+# learning rate of 0, which trains nothing); diffusers' get_scheduler takes any string as a
+# schedule's name, and any number of warm-up steps, until it is called.
+LIBRARY_RULES: dict[Any, dict[str, Any]] = {
+    torch.optim.Optimizer: {"lr": Annotated[float, Gt(0)], "weight_decay": Annotated[float, Ge(0)]},
+    get_scheduler: {
+        "name": Literal[tuple(kind.value for kind in SchedulerType)],
+        "num_warmup_steps": Annotated[int, Ge(0)],
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -99,7 +114,7 @@ def validate_sampling_overrides(cfg: DictConfig) -> None:
 
 def check_method_fits(method: Any, model_path: str) -> None:
     """Adapt a weightless copy of the base (built on the meta device from its config files) with
-    a copy of `method`, so that a setting the base's layers cannot take (an `r` that does not
+    `method`, so that a setting the base's layers cannot take (an `r` that does not
     divide a layer's width, a target that matches nothing) is reported before the weights load."""
     folder = Path(model_path)
     if not (folder / "unet" / "config.json").is_file():
@@ -111,7 +126,7 @@ def check_method_fits(method: Any, model_path: str) -> None:
             if getattr(method, "text_encoder", False) else None,
         )
         try:
-            copy.deepcopy(method).adapt(skeleton)
+            method.adapt(skeleton)
         except ValueError as error:
             raise ConfigError(f"method: {error}") from error
 
@@ -121,25 +136,38 @@ def _missing_keys(cfg: DictConfig) -> list[str]:
 
 
 def _target_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
-    """The instantiated nodes: each group's, and each entry of the callbacks and loggers."""
-    for key in ("data", "annotator", "method", "trainer"):
-        yield key, cfg[key]
+    """The instantiated nodes: each group's and the module's, with the nodes nested in them
+    (such as the module's optimiser), and each entry of the callbacks and loggers."""
+    for key in ("data", "annotator", "method", "module", "trainer"):
+        yield from _with_nested(cfg[key], key)
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
             if isinstance(node, DictConfig) and "_target_" in node:
                 yield f"{group}.{name}", node
 
 
+def _with_nested(node: DictConfig, key: str) -> Iterator[tuple[str, DictConfig]]:
+    """`node` and every node with a target inside it, except those that repeat another key
+    (`${...}`, such as the data's `annotator`), which are checked where they are written."""
+    yield key, node
+    for name in node:
+        value = node._get_node(name)
+        if isinstance(value, DictConfig) and not OmegaConf.is_interpolation(node, name) and "_target_" in value:
+            yield from _with_nested(value, f"{key}.{name}")
+
+
 def _target_errors(node: DictConfig, key: str) -> list[str]:
     values = OmegaConf.to_container(node, resolve=True)
     target_name = values.pop("_target_")
-    for hydra_key in ("_partial_", "_recursive_", "_convert_"):  # Hydra's own, not the target's
+    partial = values.pop("_partial_", False)
+    for hydra_key in ("_recursive_", "_convert_"):  # Hydra's own, not the target's
         values.pop(hydra_key, None)
     try:
         target = get_object(target_name)
     except Exception as error:  # Hydra raises ImportError or a plain Exception, depending on the path
         return [f"{key}._target_={target_name!r}: cannot be imported ({error})"]
-    schema = _signature_schema(target, nested={name for name, value in values.items() if _has_target(value)})
+    nested = {name for name, value in values.items() if _has_target(value)}
+    schema = _signature_schema(target, nested, partial)
     return _model_errors(schema, values, key, accepted=_accepted_keys(schema))
 
 
@@ -177,20 +205,32 @@ def _has_target(value: Any) -> bool:
     return False
 
 
-def _signature_schema(target: Callable, nested: set[str]) -> type[BaseModel]:
-    """A pydantic model of the keyword arguments `target` accepts, from its annotations.
+def _signature_schema(target: Callable, nested: set[str], partial: bool = False) -> type[BaseModel]:
+    """A pydantic model of the keyword arguments `target` accepts, from its annotations and
+    its `LIBRARY_RULES`.
 
     A class's `**kwargs` that it passes on to its base class is followed up the MRO; an open
     `**kwargs` at the end admits any extra key. Arguments in `nested` are instantiated from
-    nodes of their own and accept anything here.
+    nodes of their own and accept anything here. A `partial` target's caller supplies the
+    arguments the node leaves out, so none is required.
     """
     parameters, open_ended = _parameters(target)
+    rules = _library_rules(target)
     fields = {}
     for name, (parameter, hint) in parameters.items():
-        default = ... if parameter.default is inspect.Parameter.empty else parameter.default
-        fields[name] = (Any if name in nested else hint, default)
+        required = parameter.default is inspect.Parameter.empty
+        default = None if required and partial else ... if required else parameter.default
+        fields[name] = (Any if name in nested else rules.get(name, hint), default)
     config = ConfigDict(extra="allow" if open_ended else "forbid", arbitrary_types_allowed=True)
     return create_model(f"{getattr(target, '__name__', 'target')}Config", __config__=config, **fields)
+
+
+def _library_rules(target: Callable) -> dict[str, Any]:
+    """The `LIBRARY_RULES` of `target`: its own, or those of a class it derives from."""
+    for owner, rules in LIBRARY_RULES.items():
+        if target is owner or inspect.isclass(target) and inspect.isclass(owner) and issubclass(target, owner):
+            return rules
+    return {}
 
 
 def _parameters(target: Callable) -> tuple[dict[str, tuple[inspect.Parameter, Any]], bool]:

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conftrl.control import EncoderControl, load_control_path
 from conftrl.diffusion import DiffusionBase, ModelFolderError, load_base
 from conftrl.diffusion.sampling import sample_images
-from conftrl.training.methods import Method
+from conftrl.training.methods import Adapted, Method
 from conftrl.utils.atomic import naming_a_full_disk, replace_folder
 from datamodules import BadSampleError, EmptySplitError
 
@@ -41,8 +41,8 @@ class AdapterError(ValueError):
 # estimators). Loading an adapter instantiates these and nothing else: the file may come from
 # anywhere, and a `_target_` is a Python callable.
 ADAPTER_TARGETS = frozenset({
-    "conftrl.training.methods.Method", "conftrl.training.methods.OFTMethod", "conftrl.training.methods.LoRAMethod",
-    "conftrl.training.methods.FullMethod",
+    "conftrl.training.methods.OFTMethod", "conftrl.training.methods.LoRAMethod", "conftrl.training.methods.FullMethod",
+    "conftrl.training.methods.ControlNetMethod", "conftrl.training.methods.ControlOnlyMethod",
     "datamodules.annotators.CannyAnnotator", "datamodules.annotators.DepthAnnotator",
     "datamodules.annotators.SegmentationAnnotator", "datamodules.annotators.PrecomputedControl",
     "datamodules.annotators.DnnDepthEstimator", "datamodules.annotators.TransformersDepthEstimator",
@@ -51,10 +51,12 @@ ADAPTER_TARGETS = frozenset({
 })
 
 
-# Classes that moved, under the names adapters written before the move recorded.
+# Classes that moved, under the names adapters written before the move recorded. The methods'
+# former base class, `Method`, trained the control path alone (the ControlNet baseline used it).
 MOVED_TARGETS = {
-    f"conftrl.methods.{name}": f"conftrl.training.methods.{name}"
-    for name in ("Method", "OFTMethod", "LoRAMethod", "FullMethod")
+    **{f"conftrl.methods.{name}": f"conftrl.training.methods.{name}" for name in ("OFTMethod", "LoRAMethod", "FullMethod")},
+    "conftrl.methods.Method": "conftrl.training.methods.ControlOnlyMethod",
+    "conftrl.training.methods.Method": "conftrl.training.methods.ControlOnlyMethod",
 }
 
 
@@ -78,6 +80,39 @@ def _current_targets(node, where: str):
 RECORDED_OBJECTS = ("method", "annotator", "data")
 # Adapters written before the config group `control` was named `annotator` record it so.
 FORMER_ANNOTATOR_KEY = "control"
+# Adapters written before the optimiser became the module's record its settings in the method,
+# under these keys; today's keys in `module` say the same.
+FORMER_OPTIMISER_KEYS = {
+    "lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay",
+    "lr_scheduler": "lr_scheduler.name", "warmup_steps": "lr_scheduler.num_warmup_steps",
+}
+
+
+def in_current_form(config: DictConfig) -> DictConfig:
+    """An adapter's recorded config with the keys that moved since it was written where they
+    are now, so that old adapters load and read as new ones."""
+    if "annotator" not in config and FORMER_ANNOTATOR_KEY in config:
+        config.annotator = config[FORMER_ANNOTATOR_KEY]
+    method = config.get("method")
+    if isinstance(method, DictConfig):
+        for former, current in FORMER_OPTIMISER_KEYS.items():
+            if former in method:
+                if OmegaConf.select(config, f"module.{current}") is None:
+                    OmegaConf.update(config, f"module.{current}", method[former])
+                del method[former]
+    return config
+
+
+def read_adapter_config(path: str | Path) -> DictConfig:
+    """An adapter folder's conftrl.yaml in today's form (`in_current_form`), once every class
+    it names is known to be allowed (`check_targets`)."""
+    path = Path(path)
+    try:
+        config = in_current_form(OmegaConf.load(path))
+        check_targets(config, path)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        raise AdapterError(f"{path.name} in {str(path.parent)!r} is corrupt: {error}") from error
+    return config
 
 
 def check_targets(config: DictConfig, source: str | Path) -> dict:
@@ -123,7 +158,7 @@ def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
     try:
         with naming_a_full_disk(directory):
             staging.mkdir(parents=True)
-            module.method.save(module.base, staging)
+            module.method.save(module.adapted, staging)
             module.control.save(staging)
             record = OmegaConf.to_container(config, resolve=True)
             record["trainable_parameters"] = module.num_trainable_parameters
@@ -140,6 +175,7 @@ class TrainedAdapter:
 
     base: DiffusionBase
     method: Method
+    adapted: Adapted
     control: EncoderControl
     config: DictConfig
     directory: Path
@@ -162,17 +198,14 @@ def load_adapter(directory: str | Path, model_path: str | Path | None = None) ->
     directory = Path(directory).expanduser()
     if not (directory / CONFIG_FILE).is_file():
         raise AdapterError(f"{str(directory)!r} is not a conftrl adapter folder (no {CONFIG_FILE})")
+    config = read_adapter_config(directory / CONFIG_FILE)  # checked before anything is built
     try:
-        config = OmegaConf.load(directory / CONFIG_FILE)
-        if "annotator" not in config and FORMER_ANNOTATOR_KEY in config:
-            config.annotator = config[FORMER_ANNOTATOR_KEY]
-        check_targets(config, directory / CONFIG_FILE)  # before anything is built
         base_path, method = model_path or config.model.path, instantiate_recorded(config, "method", directory / CONFIG_FILE)
-    except (yaml.YAMLError, OmegaConfBaseException, HydraException) as error:
+    except (OmegaConfBaseException, HydraException) as error:
         raise AdapterError(f"{CONFIG_FILE} in {str(directory)!r} is corrupt: {error}") from error
     base = load_base(base_path)
     try:
-        method.load(base, directory)
+        adapted = method.load(base, directory)
         control = load_control_path(directory, base.unet)
     except Exception as error:  # missing, truncated or mismatched weights: name the folder and the base
         raise AdapterError(f"cannot apply the adapter in {str(directory)!r} to {str(base.path)!r}: {error}") from error
@@ -183,4 +216,4 @@ def load_adapter(directory: str | Path, model_path: str | Path | None = None) ->
             f"the UNet of {str(base.path)!r} has {base.unet.conv_in.out_channels}: another base model"
         )
     control.eval()
-    return TrainedAdapter(base, method, control, config, directory)
+    return TrainedAdapter(base, method, adapted, control, config, directory)

@@ -1,9 +1,10 @@
 """Training methods: which part of the frozen base becomes trainable, and how it is saved.
 
-A method is a config dataclass (instantiated by Hydra from `conf/method/*.yaml`) that also
-carries its optimiser settings, because the right learning rate depends on the method.
-`adapt` runs once on the loaded base; `save`/`load` write and read the adapter folder's
-method part (the control path saves its own part).
+A method is a config dataclass (instantiated by Hydra from `conf/method/*.yaml`) that says
+what trains and nothing else: the optimiser is the module's (`module.optimizer`), and the
+adapted models live with the module, not in the method. `adapt` runs once on the loaded base
+and returns the adapted parts by name; `save` writes those into the adapter folder and `load`
+applies what `save` wrote to a freshly loaded base (the control path saves its own part).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from annotated_types import Ge, Gt, Lt
+from annotated_types import Ge, Lt
 from diffusers import UNet2DConditionModel
-from diffusers.optimization import SchedulerType
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import CLIPTextModel
 
 from conftrl.control import CONTROL_PATHS
@@ -28,34 +29,61 @@ PAPER_UNET_TARGETS = DEFAULT_TARGET_MODULES["UNet2DConditionModel"]  # attention
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 ControlPathName = Literal[CONTROL_PATHS]
-LearningRate = Annotated[float, Gt(0)]
-# The names diffusers.optimization.get_scheduler accepts.
-SchedulerName = Literal[tuple(kind.value for kind in SchedulerType)]
+# A method's trained parts by name ("unet", "text_encoder"): what `save` writes.
+Adapted = dict[str, nn.Module]
 
 
 @dataclass
 class Method:
-    """Trains only the control path (the ControlNet baseline uses it as is)."""
+    """What a method shares: its name, the control path trained beside it, and whether the text
+    encoder is adapted too. Subclasses say what of the base trains."""
+
+    name: str
+    control_path: ControlPathName
+    text_encoder: bool = False  # adapt the text encoder too
+
+    def adapt(self, base: DiffusionBase) -> Adapted:
+        """Make this method's part of `base` trainable (the rest stays frozen)."""
+        raise NotImplementedError
+
+    def save(self, adapted: Adapted, directory: Path) -> None:
+        """Write the trained parts `adapt` returned into the adapter folder `directory`."""
+        raise NotImplementedError
+
+    def load(self, base: DiffusionBase, directory: Path) -> Adapted:
+        """Apply the weights `save` wrote to a freshly loaded `base`."""
+        raise NotImplementedError
+
+    def models(self, base: DiffusionBase) -> dict[str, nn.Module]:
+        return {"unet": base.unet, **({"text_encoder": base.text_encoder} if self.text_encoder else {})}
+
+
+@dataclass
+class ControlOnlyMethod(Method):
+    """Nothing of the base trains, only the control path: the least any method with that
+    control path trains, and so the floor of its cost (benchmarks/train_step.py measures the
+    others against it)."""
+
+    name: str = "control_only"
+    control_path: ControlPathName = "conv_in"
+
+    def adapt(self, base: DiffusionBase) -> Adapted:
+        return {}
+
+    def save(self, adapted: Adapted, directory: Path) -> None:
+        """Nothing but the control path, which saves itself."""
+
+    def load(self, base: DiffusionBase, directory: Path) -> Adapted:
+        return {}
+
+
+@dataclass
+class ControlNetMethod(ControlOnlyMethod):
+    """The ControlNet baseline: the frozen base takes the residuals of a ControlNet (diffusers'
+    ControlNetModel, initialised from the UNet), which is the control path and all that trains."""
 
     name: str = "controlnet"
-    control_path: ControlPathName = "controlnet"
-    text_encoder: bool = False  # adapt the text encoder too
-    lr: LearningRate = 1e-5
-    weight_decay: Annotated[float, Ge(0)] = 0.0
-    lr_scheduler: SchedulerName = "constant_with_warmup"
-    warmup_steps: Annotated[int, Ge(0)] = 0
-
-    def adapt(self, base: DiffusionBase) -> None:
-        """Make this method's part of `base` trainable (the rest stays frozen)."""
-
-    def save(self, base: DiffusionBase, directory: Path) -> None:
-        """Write this method's trained weights into the adapter folder `directory`."""
-
-    def load(self, base: DiffusionBase, directory: Path) -> None:
-        """Apply the weights `save` wrote to a freshly loaded `base`."""
-
-    def models(self, base: DiffusionBase) -> dict[str, object]:
-        return {"unet": base.unet, **({"text_encoder": base.text_encoder} if self.text_encoder else {})}
+    control_path: Literal["controlnet"] = "controlnet"
 
 
 @dataclass
@@ -90,8 +118,6 @@ class OFTMethod(Method):
     exclude_modules: Optional[Union[list[str], str]] = None
     text_encoder_target_modules: Union[list[str], str] = field(default_factory=lambda: list(CLIP_TARGETS))
 
-    wrappers: dict[str, OFTModel] = field(default_factory=dict, init=False, repr=False)
-
     def __post_init__(self) -> None:
         self.config(self.target_modules)  # OFTConfig's checks, before any model is loaded
 
@@ -104,18 +130,16 @@ class OFTMethod(Method):
     def _targets(self, part: str) -> Union[list[str], str]:
         return self.target_modules if part == "unet" else self.text_encoder_target_modules
 
-    def adapt(self, base: DiffusionBase) -> None:
-        for part, model in self.models(base).items():
-            # OFTModel swaps the target layers of `model` in place; `model` stays the module used.
-            self.wrappers[part] = OFTModel(model, self.config(self._targets(part)))
+    def adapt(self, base: DiffusionBase) -> dict[str, OFTModel]:
+        # OFTModel swaps the target layers of each model in place; the model stays the module used.
+        return {part: OFTModel(model, self.config(self._targets(part))) for part, model in self.models(base).items()}
 
-    def save(self, base: DiffusionBase, directory: Path) -> None:
-        for part, wrapper in self.wrappers.items():
+    def save(self, adapted: dict[str, OFTModel], directory: Path) -> None:
+        for part, wrapper in adapted.items():
             wrapper.save_pretrained(directory / part)
 
-    def load(self, base: DiffusionBase, directory: Path) -> None:
-        for part, model in self.models(base).items():
-            self.wrappers[part] = OFTModel.from_pretrained(model, directory / part)
+    def load(self, base: DiffusionBase, directory: Path) -> dict[str, OFTModel]:
+        return {part: OFTModel.from_pretrained(model, directory / part) for part, model in self.models(base).items()}
 
 
 @dataclass
@@ -127,7 +151,6 @@ class LoRAMethod(Method):
     r: Annotated[int, Ge(1)] = 16
     alpha: float = 16.0
     dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
-    lr: LearningRate = 1e-4
     target_modules: list[str] = field(default_factory=lambda: list(PAPER_UNET_TARGETS))
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(CLIP_TARGETS))
 
@@ -138,29 +161,32 @@ class LoRAMethod(Method):
         targets = self.target_modules if part == "unet" else self.text_encoder_target_modules
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(targets))
 
-    def adapt(self, base: DiffusionBase) -> None:
+    def adapt(self, base: DiffusionBase) -> Adapted:
         from peft import inject_adapter_in_model
 
-        for part, model in self.models(base).items():
+        adapted = self.models(base)
+        for part, model in adapted.items():
             inject_adapter_in_model(self._config(part), model)
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_("lora_" in name)
+        return adapted
 
-    def save(self, base: DiffusionBase, directory: Path) -> None:
+    def save(self, adapted: Adapted, directory: Path) -> None:
         from peft import get_peft_model_state_dict
 
-        for part, model in self.models(base).items():
+        for part, model in adapted.items():
             self._config(part).save_pretrained(directory / part)
             save_file(get_peft_model_state_dict(model), directory / part / "adapter_model.safetensors")
 
-    def load(self, base: DiffusionBase, directory: Path) -> None:
+    def load(self, base: DiffusionBase, directory: Path) -> Adapted:
         from peft import set_peft_model_state_dict
 
-        self.adapt(base)
-        for part, model in self.models(base).items():
+        adapted = self.adapt(base)
+        for part, model in adapted.items():
             result = set_peft_model_state_dict(model, load_file(directory / part / "adapter_model.safetensors"))
             if result.unexpected_keys:
                 raise ValueError(f"LoRA weights in {directory / part} do not fit: {result.unexpected_keys[:5]}")
+        return adapted
 
 
 @dataclass
@@ -170,16 +196,20 @@ class FullMethod(Method):
     name: str = "full"
     control_path: ControlPathName = "conv_in"
 
-    def adapt(self, base: DiffusionBase) -> None:
-        for model in self.models(base).values():
+    def adapt(self, base: DiffusionBase) -> Adapted:
+        adapted = self.models(base)
+        for model in adapted.values():
             model.requires_grad_(True)
+        return adapted
 
-    def save(self, base: DiffusionBase, directory: Path) -> None:
-        for part, model in self.models(base).items():
+    def save(self, adapted: Adapted, directory: Path) -> None:
+        for part, model in adapted.items():
             model.save_pretrained(directory / part)
 
-    def load(self, base: DiffusionBase, directory: Path) -> None:
+    def load(self, base: DiffusionBase, directory: Path) -> Adapted:
         classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
-        for part, model in self.models(base).items():
+        adapted = self.models(base)
+        for part, model in adapted.items():
             trained = classes[part].from_pretrained(directory / part, use_safetensors=True)
             model.load_state_dict(trained.state_dict())
+        return adapted

@@ -1,16 +1,18 @@
 """The LightningModule: frozen base + the method's trainable part + a control path.
 
-The one place a training step is defined. Checkpoints hold only what trains (plus the
-optimiser), and a checkpoint of another method or model is refused with the reason.
+The one place a training step is defined. Built by Hydra from the config's `module` node,
+whose optimiser and learning-rate schedule are partials completed here with the trainable
+weights. Checkpoints hold only what trains (plus the optimiser), and a checkpoint of another
+method or model is refused with the reason.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from diffusers.optimization import get_scheduler
 from lightning import LightningModule
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -39,20 +41,31 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was written by another method, control path or model shape."""
 
 
+# `optimizer(params)`: an optimiser of the given weights, e.g. a partial torch.optim.AdamW.
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+# `lr_scheduler(optimizer=..., num_training_steps=N)`: its schedule over N steps, e.g. a partial
+# diffusers.optimization.get_scheduler.
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
 class ControlModule(LightningModule):
     def __init__(
         self, base: DiffusionBase, method: Method, gradient_checkpointing: bool = False, seed: int = 0,
         snr_gamma: float | None = None, timestep_sampling: str = "uniform",
+        optimizer: OptimizerFactory = torch.optim.AdamW, lr_scheduler: SchedulerFactory | None = None,
     ):
         super().__init__()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"loss.timesteps={timestep_sampling!r}: expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
         self.base, self.method, self.seed, self.snr_gamma = base, method, seed, snr_gamma
         self.timestep_sampling = timestep_sampling
+        # Not `self.optimizer`/`self.lr_scheduler`: Lightning's strategies use those names.
+        self.make_optimizer, self.make_lr_schedule = optimizer, lr_scheduler
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         # The control path first: ControlNet copies the UNet's weights before any adapter.
         self.control = build_control_path(method.control_path, base.unet, base.vae_scale_factor)
-        method.adapt(base)
+        # A plain dict, not submodules: these models are registered already (as the base's).
+        self.adapted = method.adapt(base)
         if gradient_checkpointing:
             for model in (self.unet, *self.control.children()):
                 if getattr(model, "_supports_gradient_checkpointing", False):
@@ -128,14 +141,11 @@ class ControlModule(LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
 
     def configure_optimizers(self):
-        method = self.method
-        optimizer = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad], lr=method.lr, weight_decay=method.weight_decay
-        )
-        schedule = get_scheduler(
-            method.lr_scheduler, optimizer, num_warmup_steps=method.warmup_steps,
-            num_training_steps=self.trainer.estimated_stepping_batches,
-        )
+        optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.make_lr_schedule is None:
+            return optimizer
+        steps = self.trainer.estimated_stepping_batches
+        schedule = self.make_lr_schedule(optimizer=optimizer, num_training_steps=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- sampling (for callbacks, generate and evaluate) --------------------------------------

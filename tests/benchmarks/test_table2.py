@@ -81,6 +81,19 @@ def test_a_later_call_must_agree_with_the_stored_plan(table2, tmp_path):
         table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--", "seed=1"])), ["canny"])
 
 
+def test_a_plan_that_set_the_learning_rate_as_method_lr_resumes_with_todays_key(table2, tmp_path):
+    """Plans written before the optimiser became the module's override `method.lr`, which the
+    train command no longer takes; they train on with `module.optimizer.lr`, and a call that
+    repeats the override in either spelling agrees with them."""
+    former = table2.Plan(table2.Schedule(), dict(table2.LR_GRIDS), 4, ("seed=1", "method.lr=0.001", "method.r=8"))
+    (tmp_path / table2.PLAN_FILE).write_text(json.dumps(former.to_json()))
+    current = ("seed=1", "module.optimizer.lr=0.001", "method.r=8")
+    assert table2.load_plan(tmp_path, {}, ["canny"]).overrides == current
+    for spelling in ("method.lr=0.001", "module.optimizer.lr=0.001"):
+        requested = table2.requested_plan(table2.parse_args(["--", "seed=1", spelling, "method.r=8"]))
+        assert table2.load_plan(tmp_path, requested, ["canny"]).overrides == current
+
+
 def test_a_method_without_an_experiment_is_refused_before_anything_trains(table2, tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("trained"))
     conf = tmp_path / "conf"  # a config tree whose depth task has OFT's experiment but no full finetuning
@@ -254,6 +267,6 @@ def test_rerun_trains_only_what_is_missing(table2, replication, monkeypatch):
     monkeypatch.setattr(subprocess, "run", training)
     again = table2.replicate(out, ["canny"], CANNY_METHODS, plan)
     assert len(commands) == 1 and f"hydra.sweep.subdir=runs/{lost.name}" in commands[0]
-    assert f"method.lr={float(lost.name.split('_lr')[1])!r}" in commands[0]
+    assert f"module.optimizer.lr={float(lost.name.split('_lr')[1])!r}" in commands[0]
     assert "trainer.max_steps=2" in commands[0] and "ckpt_path=last" not in commands[0]  # nothing to resume
     assert again["tasks"]["canny"]["sweeps"] == report["tasks"]["canny"]["sweeps"]

@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 
 from conftrl.cli.evaluate import evaluate
 from conftrl.cli.generate import generate
-from conftrl.training.adapter import ADAPTER_TARGETS, AdapterError, export_adapter, load_adapter
+from conftrl.training.adapter import (
+    ADAPTER_TARGETS, AdapterError, export_adapter, instantiate_recorded, load_adapter, read_adapter_config,
+)
+from conftrl.training.methods import ControlOnlyMethod
 
 CONF = Path(__file__).parents[2] / "conf"
 
@@ -50,19 +53,41 @@ def test_loading_an_adapter_never_calls_a_planted_target(trained_run, tmp_path, 
 
 
 def test_an_adapter_written_before_the_renames_loads(trained_run, tmp_path):
-    """Adapters written before `conftrl.methods` became `conftrl.training.methods` and the
-    config group `control` became `annotator` still load, and still annotate."""
+    """Adapters written before `conftrl.methods` became `conftrl.training.methods`, the
+    config group `control` became `annotator`, and the optimiser's settings moved from the
+    method to the module, still load, still annotate, and read as new ones."""
     adapter = tmp_path / "older"
     shutil.copytree(trained_run / "adapter", adapter)
     config = yaml.safe_load((adapter / "conftrl.yaml").read_text())
     config["method"]["_target_"] = config["method"]["_target_"].replace("conftrl.training.methods.", "conftrl.methods.")
     config["control"] = config.pop("annotator")
+    del config["module"]
+    config["method"].update(lr=1e-3, weight_decay=0.01, lr_scheduler="cosine", warmup_steps=7)
     (adapter / "conftrl.yaml").write_text(yaml.safe_dump(config))
     loaded, current = load_adapter(adapter), load_adapter(trained_run / "adapter")
-    assert type(loaded.method) is type(current.method)
+    assert type(loaded.method) is type(current.method) and loaded.method == current.method
     assert type(loaded.build("annotator")) is type(current.build("annotator"))
+    assert OmegaConf.to_container(loaded.config.module) == {
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.01}, "lr_scheduler": {"name": "cosine", "num_warmup_steps": 7},
+    }
     for (name, mine), theirs in zip(loaded.base.unet.state_dict().items(), current.base.unet.state_dict().values()):
         assert torch.equal(mine, theirs), name
+
+
+@pytest.mark.parametrize("target", ["conftrl.methods.Method", "conftrl.training.methods.Method"])
+def test_a_controlnet_adapter_written_before_controlnet_had_its_own_method_loads(tmp_path, target):
+    """The methods' former base class trained the control path alone, as ControlNetMethod and
+    ControlOnlyMethod do; an adapter that names it gets the method that trains the same."""
+    path = tmp_path / "conftrl.yaml"
+    path.write_text(yaml.safe_dump({"method": {
+        "_target_": target, "name": "controlnet", "control_path": "controlnet", "text_encoder": False,
+        "lr": 1e-4, "weight_decay": 0.0, "lr_scheduler": "constant_with_warmup", "warmup_steps": 0,
+    }}))
+    config = read_adapter_config(path)
+    method = instantiate_recorded(config, "method", path)
+    assert (type(method), method.name, method.control_path) == (ControlOnlyMethod, "controlnet", "controlnet")
+    assert method.adapt(SimpleNamespace(unet=torch.nn.Linear(2, 2))) == {}  # nothing of the base trains
+    assert config.module.optimizer.lr == 1e-4
 
 
 def test_adapter_weights_are_read_from_safetensors_only(trained_run, tmp_path):
@@ -117,12 +142,12 @@ def test_every_class_the_configs_can_record_is_allowed():
 def fake_module(version: str):
     """What export_adapter reads of a trained module, writing `version` into every file."""
 
-    def save_method(base, directory):
+    def save_method(adapted, directory):
         (directory / "unet").mkdir()
         (directory / "unet" / "adapter_model.safetensors").write_text(version)
 
     return SimpleNamespace(
-        base=None,
+        adapted={},
         method=SimpleNamespace(save=save_method),
         control=SimpleNamespace(save=lambda directory: (directory / "control_encoder").mkdir()),
         num_trainable_parameters=1,
@@ -185,7 +210,7 @@ def test_a_full_disk_during_export_is_said_plainly_and_keeps_the_old_adapter(tmp
     export_adapter(fake_module("old"), OmegaConf.create({"version": "old"}), directory)
     full = fake_module("new")
 
-    def save_onto_a_full_disk(base, staging):
+    def save_onto_a_full_disk(adapted, staging):
         # as safetensors' writer reports it
         raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
 

@@ -20,8 +20,14 @@ EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*
 # (overrides, what the message must say): one case per kind of mistake.
 MISTAKES = {
     "wrong type": (["method.r=abc"], ["method.r='abc'", "valid integer"]),
-    "wrong type, float": (["method.lr=fast"], ["method.lr='fast'", "valid number"]),
-    "out of range": (["method.lr=-1"], ["method.lr=-1", "greater than 0"]),
+    "wrong type, float": (["module.optimizer.lr=fast"], ["module.optimizer.lr='fast'", "valid number"]),
+    "out of range": (["module.optimizer.lr=-1"], ["module.optimizer.lr=-1", "greater than 0"]),
+    "a learning rate of 0": (["module.optimizer.lr=0"], ["module.optimizer.lr=0", "greater than 0"]),
+    "weight decay": (["module.optimizer.weight_decay=-0.1"], ["module.optimizer.weight_decay=-0.1", "greater than or equal to 0"]),
+    "an optimiser argument": (["+module.optimizer.amsgrad=maybe"], ["module.optimizer.amsgrad='maybe'", "valid boolean"]),
+    "a key the optimiser does not take": (["+module.optimizer.momentum=0.9"], ["module.optimizer.momentum: unknown key", "weight_decay"]),
+    "an optimiser that is not there": (["module.optimizer._target_=torch.optim.AdamWW"], ["module.optimizer._target_='torch.optim.AdamWW'", "cannot be imported"]),
+    "warm-up": (["module.lr_scheduler.num_warmup_steps=-1"], ["module.lr_scheduler.num_warmup_steps=-1", "greater than or equal to 0"]),
     "probability": (["data.proportion_empty_prompts=1.5"], ["data.proportion_empty_prompts=1.5", "less than or equal to 1"]),
     "resolution": (["data.resolution=60"], ["data.resolution=60", "multiple of 8"]),
     "resolution and the VAE": (["data.resolution=36"], ["data.resolution=36", "multiple of 8"]),
@@ -32,8 +38,14 @@ MISTAKES = {
     "timesteps": (["loss.timesteps=cubicc"], ["loss.timesteps='cubicc'", "'uniform' or 'cubic'"]),
     "control path": (["method.control_path=conv"], ["method.control_path='conv'", "'conv_in', 'multiscale' or 'controlnet'"]),
     "metric": (["callbacks.control_fidelity.metric=f1"], ["callbacks.control_fidelity.metric='f1'", "'edge_f1'"]),
-    "scheduler": (["method.lr_scheduler=cosin"], ["method.lr_scheduler='cosin'", "'cosine'"]),
-    "a key the method does not take": (["method=full"], ["method.eps: unknown key", "lr"]),
+    "scheduler": (["module.lr_scheduler.name=cosin"], ["module.lr_scheduler.name='cosin'", "'cosine'"]),
+    "a module argument": (["module.seed=first"], ["module.seed='first'", "valid integer"]),
+    "a node inside a group's": (
+        ["annotator=depth_dnn", "annotator.estimator.path=.", "annotator.estimator.near_is_larger=maybe"],
+        ["annotator.estimator.near_is_larger='maybe'", "valid boolean"],
+    ),
+    "a key the method does not take": (["method=full"], ["method.eps: unknown key", "control_path"]),
+    "ControlNet without its control path": (["method=controlnet"], ["method.control_path='multiscale'", "Input should be 'controlnet'"]),
     "a trainer argument": (["trainer.max_steps=many"], ["trainer.max_steps='many'", "valid integer"]),
 }
 

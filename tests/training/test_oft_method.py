@@ -51,11 +51,11 @@ def test_every_oft_field_from_the_command_line_reaches_the_adapter(make_config, 
     cfg = make_config("method=coft", *(f"method.{key}={text}" for key, (text, _) in fields.items()))
     method = instantiate(cfg.method)
     base = load_base(tiny_base)
-    method.adapt(base)
-    method.save(base, tmp_path / "adapter")
+    wrappers = method.adapt(base)
+    method.save(wrappers, tmp_path / "adapter")
     written, _ = read_config(tmp_path / "adapter" / "unet")
     assert {key: getattr(written, key) for key in fields} == {key: value for key, (_, value) in fields.items()}
-    adapted = [name for name, _ in method.wrappers["unet"].oft_layers()]
+    adapted = [name for name, _ in wrappers["unet"].oft_layers()]
     assert adapted
     if fields is SEED_FIELDS:  # the selection fields did select
         assert all(name.startswith("down_blocks.1.") and name.endswith(("to_q", "to_k", "to_v")) for name in adapted)

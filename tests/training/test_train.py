@@ -116,7 +116,7 @@ def test_zero_training_steps_is_an_error(make_config, tmp_path, setting):
 def test_divergence_names_a_checkpoint_that_trains_on(make_config, tmp_path):
     """At lr 1e8 the weights after step k are finite but give a NaN loss at step k: the
     checkpoint saved at step k holds them. The named one must train on without NaN."""
-    diverging = ["experiment=canny_coft", "method.lr=1e8", "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.max_steps=8"]
+    diverging = ["experiment=canny_coft", "module.optimizer.lr=1e8", "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.max_steps=8"]
     with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as raised:
         train(make_config(*diverging))
     failing_step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
