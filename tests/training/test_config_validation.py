@@ -78,7 +78,7 @@ def test_every_shipped_experiment_and_option_is_valid(compose_train, tmp_path):
     """The checks reject no config the project ships."""
     for experiment in EXPERIMENTS:
         validate_train_config(compose_train([f"experiment={experiment}"], tmp_path))
-    for overrides in (["trainer=cpu_long"], ["trainer=ddp"], ["trainer=gpu"], ["callbacks=[default,ema]"], ["debug=quick"]):
+    for overrides in (["trainer=cpu_long"], ["trainer=ddp"], ["trainer=ddp_spawn"], ["trainer=fsdp"], ["trainer=gpu"], ["callbacks=[default,ema]"], ["debug=quick"]):
         validate_train_config(compose_train(["experiment=canny_coft", *overrides], tmp_path))
 
 
