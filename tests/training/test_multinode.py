@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST
+from lightning.pytorch.utilities import rank_zero_only
 from support.wandb_files import wandb_records
 
+from conftrl.config.launch import RUN_TIME_VARIABLE, launch_time, on_rank_zero, rank_zero_file
 from conftrl.training.adapter import load_adapter
 from conftrl.training.loggers import logged_metrics
 
@@ -63,6 +65,23 @@ def test_torchrun_ranks_share_rank_zeros_run_time(tmp_path):
     done = torchrun(2, 1, "--no-python", sys.executable, "-c", show, cwd=tmp_path)
     times = {line for result in done for line in result.stdout.splitlines() if line.startswith("time")}
     assert len(times) == 1, times
+
+
+def test_a_launch_names_its_run_by_the_time_it_is_given_or_by_its_slurm_job(monkeypatch):
+    for name in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID", RUN_TIME_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert launch_time("%Y") == "slurm-4242"
+    monkeypatch.setenv(RUN_TIME_VARIABLE, "2026-01-02_03-04-05")  # what the batch file sets for all tasks
+    assert launch_time("%Y") == "2026-01-02_03-04-05"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_writes_hydras_files(monkeypatch, rank):
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    assert on_rank_zero(".hydra") == (".hydra" if rank == 0 else None)
+    assert rank_zero_file("run/train.log") == ("run/train.log" if rank == 0 else os.devnull)
 
 
 @pytest.mark.slow
