@@ -39,9 +39,11 @@ bench: $(STAMP)
 # do not bring (Pillow, requests and its own dependencies; antlr4 for OmegaConf). For CPython 3.12
 # on x86-64 Linux; manylinux_2_28 also admits the older manylinux tags, and Pillow ships no others.
 gpu-wheels:
+	# diffusers and Hydra for the benchmarks; torchdata and pydantic too for gpu.sh's training run.
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --no-deps -d $(GPU_WHEELS) \
-		diffusers pillow requests urllib3 certifi charset-normalizer hydra-core "omegaconf>=2.2,<2.4"
+		diffusers pillow requests urllib3 certifi charset-normalizer hydra-core "omegaconf>=2.2,<2.4" \
+		torchdata pydantic pydantic-core annotated-types typing-inspection
 	# antlr4-python3-runtime 4.9 (OmegaConf pins 4.9.*) is published as source only: build its pure-Python wheel.
 	$(PYTHON) -m pip wheel -q --no-deps -w $(GPU_WHEELS) "antlr4-python3-runtime==4.9.3"
 	du -sh $(GPU_WHEELS)

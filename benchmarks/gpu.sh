@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements on a machine without network: the train-step benchmark on SD 1.5 at
 # 512 px under bf16 autocast, one OFT layer at SD 1.5's shapes under bf16 against PEFT, the
-# train step of the 100 M-parameter SD-shaped UNet, then SD 1.5's checkpointed step recomputing
-# the Cayley blocks against keeping them. About 5 minutes on one H100; each run has a time limit
-# (under 8 minutes in all), and results are written as they come, so a run cut short keeps what
-# it measured.
+# train step of the 100 M-parameter SD-shaped UNet, SD 1.5's checkpointed step recomputing the
+# Cayley blocks against keeping them, then a 4-step run of the embedded base under
+# trainer=fsdp on one GPU (FSDP is GPU only). About 6 minutes on one H100; each run has
+# a time limit (under 9 minutes in all), and results are written as they come, so a run cut
+# short keeps what it measured.
 #
 # The machine needs Python 3.12 with torch (CUDA), lightning, transformers, peft,
 # opencv-python-headless and safetensors. diffusers, Hydra and the few packages they add that
@@ -39,4 +40,8 @@ timeout 60 "$PYTHON" benchmarks/oft_layers.py --device cuda --dtype bf16 --repea
 run 120 sd100m_bf16 --models sd100m --repeats 5 --warmup 2
 timeout 50 "$PYTHON" benchmarks/recompute.py --model sd15 --batch 16 --device cuda --dtype bf16 --repeats 3 \
     --modes recompute keep --out "$RESULTS/recompute_sd15_bf16.json" || echo "recompute ended early (status $?)"
-ls -l "$RESULTS"/train_step_* "$RESULTS"/oft_layers_* "$RESULTS"/recompute_*
+# One GPU: conftrl.train refuses FSDP over several until the watchers gather its shards.
+timeout 60 "$PYTHON" -m conftrl.train experiment=canny_coft trainer=fsdp trainer.devices=1 \
+    trainer.max_steps=4 trainer.val_check_interval=2 logger=csv hydra.run.dir="$RESULTS/fsdp_run" \
+    > "$RESULTS/fsdp_run.txt" 2>&1 || echo "fsdp run ended early (status $?)"
+ls -l "$RESULTS"/train_step_* "$RESULTS"/oft_layers_* "$RESULTS"/recompute_* "$RESULTS"/fsdp_run.txt

@@ -6,6 +6,7 @@ Both take the annotator object (from ``conf/annotator``) and the common settings
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Literal
 
 import lightning as L
@@ -13,6 +14,7 @@ import torch
 from annotated_types import Ge, Interval
 from pydantic import DirectoryPath
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, collate, seed_worker
 from datamodules.errors import EmptySplitError
@@ -27,6 +29,9 @@ _STAGE_SPLITS = {
     "predict": (),
     None: ("train", "val", "test"),
 }
+
+# torchdata's loader calls torch.set_vital, which newer torch deprecates with a warning per loader.
+warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
 
 # Constraints of the arguments, read by the config validation (conftrl.config.schema) as well.
 Probability = Annotated[float, Interval(ge=0, le=1)]
@@ -96,9 +101,12 @@ class ControlDataModule(L.LightningDataModule):
                 on_bad_sample=self.on_bad_sample,
             )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Resumable: Lightning checkpoints how many batches of the epoch this process has
+        taken and, resumed mid-epoch, the loader skips exactly those (each rank its own share,
+        under DDP) instead of starting the epoch over."""
         dataset = self.datasets["train"]
-        return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, shuffle=True))
+        return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, shuffle=True), stateful=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])
@@ -106,8 +114,8 @@ class ControlDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["test"])
 
-    def _loader(self, dataset: ControlDataset, sampler=None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: ControlDataset, sampler=None, stateful: bool = False) -> DataLoader:
+        return (StatefulDataLoader if stateful else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -109,34 +109,26 @@ class ControlDataset(Dataset):
 class EpochSampler(Sampler):
     """Yields ``(index, epoch)``: a permutation seeded by ``(seed, epoch)`` (or index order).
 
-    Each pass advances the epoch by itself; ``set_epoch`` (called by Lightning) fixes it.
-    ``skip_next`` makes the next pass start partway, for a run resumed mid-epoch.
+    The pass is the one ``set_epoch`` names (Lightning calls it at the start of every epoch, also
+    through the sampler it wraps this in under DDP), so any number of ``iter`` calls, e.g. while
+    a run is restored, yield the same pass.
     """
 
     def __init__(self, length: int, seed: int = 0, shuffle: bool = True):
         self.length, self.seed, self.shuffle = int(length), int(seed), shuffle
         self.epoch = 0
-        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def skip_next(self, count: int) -> None:
-        """Leave out the first `count` keys of the next pass only (those already trained on)."""
-        if not 0 <= count < self.length:
-            raise ValueError(f"can skip 0 to {self.length - 1} samples of an epoch, got {count}")
-        self._skip = int(count)
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        skip, self._skip = self._skip, 0
         order = range(self.length)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
-        return iter([(int(index), epoch) for index in order[skip:]])
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
+        return iter([(int(index), self.epoch) for index in order])
 
 
 def collate(items: list[dict]) -> dict:

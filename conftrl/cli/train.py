@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from conftrl.cli import mistakes_reported
 from conftrl.config import config_dir, register_resolvers
-from conftrl.config.schema import ConfigError, check_method_fits, instantiate_checked, validate_train_config
+from conftrl.config.schema import (
+    ConfigError, check_method_fits, check_strategy_complete, instantiate_checked, validate_train_config,
+)
 from conftrl.diffusion import load_base
 from conftrl.training.adapter import INPUT_ERRORS, export_adapter
 from conftrl.training.checkpoints import CheckpointError, resume_path
@@ -48,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False
     )
+    check_strategy_complete(trainer)
     module = instantiate(cfg.module)(base=load_base(cfg.model.path), method=method)
     keep_wandb_files_in_run_dir(trainer)
     run_info = {"trainable_parameters": module.num_trainable_parameters}

@@ -10,6 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from conftrl.config.launch import launch_time, on_rank_zero, rank_zero_file
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -39,6 +41,9 @@ def register_resolvers() -> None:
         "conftrl.asset": lambda name: str(ASSETS / name),
         "conftrl.wandb_offline": wandb_offline,
         "conftrl.sweep_group": sweep_group,
+        "conftrl.launch_time": launch_time,
+        "conftrl.on_rank_zero": on_rank_zero,
+        "conftrl.rank_zero_file": rank_zero_file,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)

@@ -131,6 +131,19 @@ def check_method_fits(method: Any, model_path: str) -> None:
             raise ConfigError(f"method: {error}") from error
 
 
+def check_strategy_complete(trainer: Any) -> None:
+    """Refuse FSDP over several processes: the sample grid, the energy monitor and the adapter
+    export read whole weights in rank 0 alone, where FSDP leaves each rank a shard; they would
+    hang or export a shard instead of failing."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+        raise ConfigError(
+            f"trainer=fsdp over {trainer.world_size} processes: the watchers and the adapter export do not "
+            "gather FSDP's shards yet (docs/scaling.md, FSDP); use trainer=ddp, or fsdp on one GPU"
+        )
+
+
 def _missing_keys(cfg: DictConfig) -> list[str]:
     return sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
 

@@ -48,18 +48,21 @@ def sample_grid(sample: Sampler, items: dict, seeds: list[int]) -> np.ndarray:
     return image_grid([[controls[i], *images[i * n : (i + 1) * n]] for i in range(len(captions))])
 
 
-def _mean_scores(scores: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+def mean_scores(scores: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    """Each score's mean over groups of items, weighted by the groups' sizes."""
     return {name: float(np.average([s[name] for s in scores], weights=weights)) for name in scores[0]}
 
 
-def fidelity(sample: Sampler, items: dict, score: Scorer, batch_size: int) -> dict[str, float]:
-    """Mean control-fidelity scores of one sample per item (seed = the item's index)."""
+def fidelity(sample: Sampler, items: dict, score: Scorer, batch_size: int, first_index: int = 0) -> dict[str, float]:
+    """Mean control-fidelity scores of one sample per item (seed = the item's index; the items
+    may be a share of a larger set that begins at `first_index`)."""
     scores, sizes = [], []
     for start, part in _chunks(items, batch_size):
         count = len(part["caption"])
-        scores.append(score(sample(part["caption"], part["control"], list(range(start, start + count))), part))
+        seeds = list(range(first_index + start, first_index + start + count))
+        scores.append(score(sample(part["caption"], part["control"], seeds), part))
         sizes.append(count)
-    return _mean_scores(scores, sizes)
+    return mean_scores(scores, sizes)
 
 
 @torch.no_grad()
@@ -80,7 +83,7 @@ def fidelity_ceiling(items: dict, score: Scorer, batch_size: int, vae: nn.Module
         images = part["image"] if vae is None else vae_round_trip(vae, part["image"])
         scores.append(score(to_uint8(images, value_range=(-1, 1)), part))
         sizes.append(len(part["caption"]))
-    return _mean_scores(scores, sizes)
+    return mean_scores(scores, sizes)
 
 
 def energy_change(unet: nn.Module, reference: nn.Module) -> dict[str, float]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -227,10 +227,27 @@ def _relative(value: float, ref: float) -> float:
     return (value - ref) / ref
 
 
+def layer_energies(
+    model: nn.Module,
+    layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+    names: Collection[str] | None = None,
+    **energy_kwargs,
+) -> dict[str, float]:
+    """HE of every layer of ``model`` that has one (of those in ``names``, when given), by path."""
+    energies = {}
+    for name, weight in layer_weights(model, layer_types).items():
+        if names is None or name in names:
+            energy = hyperspherical_energy(weight, **energy_kwargs)
+            if not math.isnan(energy):
+                energies[name] = energy
+    return energies
+
+
 def energy_summary(
     model: nn.Module,
     reference: EnergySummary | Mapping[str, float] | nn.Module | None = None,
     layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+    per_layer: Mapping[str, float] | None = None,
     **energy_kwargs,
 ) -> EnergySummary:
     """Per-layer, per-group and total HE of ``model`` (see :func:`hyperspherical_energy`, whose
@@ -240,13 +257,10 @@ def energy_summary(
     model; OFT keeps layer paths, so names match as long as both sides are taken at the same
     level, e.g. ``oft_model.model`` against the unwrapped model) — adds the relative change per
     layer and in total over the layers both have. Layers without an energy (see module docstring) are left
-    out everywhere.
+    out everywhere. ``per_layer`` — the layers' energies when they are already measured (e.g. by
+    several processes, each a share of the layers).
     """
-    per_layer = {}
-    for name, weight in layer_weights(model, layer_types).items():
-        energy = hyperspherical_energy(weight, **energy_kwargs)
-        if not math.isnan(energy):
-            per_layer[name] = energy
+    per_layer = dict(layer_energies(model, layer_types, **energy_kwargs) if per_layer is None else per_layer)
     per_group: dict[str, float] = {}
     for name, group in layer_groups(model, list(per_layer)).items():
         per_group[group] = per_group.get(group, 0.0) + per_layer[name]

@@ -1,8 +1,10 @@
 """Callbacks that watch a run: sample grids, control fidelity, hyperspherical energy; and EMA.
 
-The watchers act at the end of each validation (cadence: `trainer.val_check_interval`) on
-global rank 0, read the module, and never change what trains. Sampling uses its own seeded
-generators. `EMA` is the exception that says so: it averages the trainable weights.
+The watchers act at the end of each validation (cadence: `trainer.val_check_interval`), read
+the module, and never change what trains. Sampling uses its own seeded generators. Under data
+parallelism the fidelity images and the energy's layers are shared out over the ranks and the
+results pooled, so every rank logs the number one process would; grids come from rank 0.
+`EMA` is the exception that says so: it averages the trainable weights.
 """
 
 from __future__ import annotations
@@ -18,14 +20,30 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from conftrl.evaluation.measure import fidelity, first_items, sample_grid
+from conftrl.evaluation.measure import fidelity, first_items, mean_scores, sample_grid
 from conftrl.evaluation.scorers import FIDELITY_SCORERS, fidelity_scorer
-from conftrl.metrics import energy_summary, rotation_stats
+from conftrl.metrics import energy_summary, layer_energies, layer_weights, rotation_stats
 from conftrl.utils.images import save_png
 
 
 def _skip(trainer: Trainer) -> bool:
     return trainer.sanity_checking or not trainer.is_global_zero
+
+
+def _from_every_rank(value) -> list:
+    """`value` of every process of the run, in rank order. Lightning's strategies gather only
+    tensors of one shape; scores and per-layer energies are small dicts."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _share(count: int, trainer: Trainer) -> slice:
+    """This rank's contiguous share of `count` items."""
+    rank, ranks = trainer.global_rank, trainer.world_size
+    return slice(count * rank // ranks, count * (rank + 1) // ranks)
 
 
 class SampleGrid(Callback):
@@ -60,13 +78,18 @@ class ControlFidelity(Callback):
         self.items: dict | None = None
 
     def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
-        if _skip(trainer):
+        if trainer.sanity_checking:
             return
         if self.items is None:
             self.items = first_items(trainer.datamodule.val_dataloader(), self.num_images)
-        scores = fidelity(partial(module.sample, **self.sampling), self.items, self.score, self.batch_size)
-        for name, value in scores.items():
-            module.log(f"val/{name}", value, rank_zero_only=True)
+        share = _share(len(self.items["caption"]), trainer)
+        mine = {key: value[share] for key, value in self.items.items()}
+        count = len(mine["caption"])
+        sample = partial(module.sample, **self.sampling)
+        scores = fidelity(sample, mine, self.score, self.batch_size, first_index=share.start) if count else {}
+        shares = [(scores, count) for scores, count in _from_every_rank((scores, count)) if count]
+        for name, value in mean_scores([scores for scores, _ in shares], [count for _, count in shares]).items():
+            module.log(f"val/{name}", value)
 
 
 class EnergyMonitor(Callback):
@@ -77,17 +100,25 @@ class EnergyMonitor(Callback):
     def __init__(self):
         self.reference: dict[str, float] | None = None
 
+    @staticmethod
+    def _energies(trainer: Trainer, module: LightningModule) -> dict[str, float]:
+        """Each layer's energy, every rank measuring a share of the layers."""
+        names = list(layer_weights(module.unet))
+        shares = _from_every_rank(layer_energies(module.unet, names=names[_share(len(names), trainer)]))
+        pooled = {name: energy for share in shares for name, energy in share.items()}
+        return {name: pooled[name] for name in names if name in pooled}  # one order: the same sums
+
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
-        if self.reference is None and trainer.is_global_zero:
-            self.reference = energy_summary(module.unet).per_layer
+        if self.reference is None:
+            self.reference = self._energies(trainer, module)
 
     def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
-        if _skip(trainer) or self.reference is None:
+        if trainer.sanity_checking or self.reference is None:
             return
-        summary = energy_summary(module.unet, reference=self.reference)
+        summary = energy_summary(module.unet, reference=self.reference, per_layer=self._energies(trainer, module))
         values = {**summary.log_dict("he"), **{f"oft/{k}": v for k, v in rotation_stats(module.unet).items()}}
         for name, value in values.items():
-            module.log(name, value, rank_zero_only=True)
+            module.log(name, value)
 
     def state_dict(self) -> dict:
         return {"reference": self.reference}

@@ -79,21 +79,6 @@ class ControlModule(LightningModule):
         # adapter trains); Lightning warns about every module in eval mode right after this hook.
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
 
-    def on_train_start(self) -> None:
-        """Resumed mid-epoch, continue the epoch where the checkpoint left it. Lightning restarts
-        a plain DataLoader's epoch from its first batch (it warns that the loader is not
-        resumable), which would train on those batches twice and skip the rest. Lightning
-        restores the step count, so the batches already seen follow from it."""
-        trainer = self.trainer
-        sampler = getattr(trainer.train_dataloader, "sampler", None)
-        per_epoch = trainer.num_training_batches
-        if not hasattr(sampler, "skip_next") or per_epoch == float("inf"):
-            return
-        seen = trainer.global_step * trainer.accumulate_grad_batches % per_epoch
-        if seen:
-            sampler.skip_next(seen * trainer.train_dataloader.batch_size)
-            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-
     # --- what trains ---------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Size]:

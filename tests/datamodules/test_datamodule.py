@@ -60,6 +60,7 @@ def test_same_seed_same_epochs_other_seed_other_epochs():
     a, b = epoch(first), epoch(second)
     assert [x["key"] for x in a] == [x["key"] for x in b]
     torch.testing.assert_close(torch.cat([x["image"] for x in a]), torch.cat([x["image"] for x in b]))
+    first.sampler.set_epoch(1)
     assert [x["key"] for x in epoch(first)] != [x["key"] for x in a]  # next epoch: new order
     assert [x["caption"] for x in epoch(shapesworld(seed=2).train_dataloader())] != [x["caption"] for x in a]
 
@@ -78,10 +79,13 @@ def test_epochs_are_identical_with_and_without_workers():
 
 def test_set_epoch_replays_an_epoch():
     loader = shapesworld(proportion_empty_prompts=0.5).train_dataloader()
-    epoch(loader), epoch(loader)
-    second = epoch(loader)  # epoch 2
     loader.sampler.set_epoch(2)
-    assert [x["caption"] for x in epoch(loader)] == [x["caption"] for x in second]
+    second = epoch(loader)
+    loader.sampler.set_epoch(0)
+    assert [x["caption"] for x in epoch(loader)] != [x["caption"] for x in second]
+    fresh = shapesworld(proportion_empty_prompts=0.5).train_dataloader()
+    fresh.sampler.set_epoch(2)
+    assert [x["caption"] for x in epoch(fresh)] == [x["caption"] for x in second]
 
 
 def test_caption_dropout_only_in_training():
@@ -101,21 +105,34 @@ def test_evaluation_batches_are_fixed():
 
 def test_sampler_shuffles_a_permutation_per_epoch():
     sampler = EpochSampler(10, seed=0)
-    first, second = list(sampler), list(sampler)
+    first = list(sampler)
+    assert list(sampler) == first  # iterating again (as a restore does) repeats the pass
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert sorted(i for i, _ in first) == list(range(10)) and {e for _, e in first} == {0}
     assert {e for _, e in second} == {1} and first != second
     assert [i for i, _ in EpochSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
 
 
-def test_sampler_skips_the_start_of_one_pass_only():
-    """A run resumed mid-epoch gets the rest of that epoch's order, then whole epochs again."""
-    full = EpochSampler(10, seed=0)
-    epoch0, epoch1 = list(full), list(full)
-    resumed = EpochSampler(10, seed=0)
-    resumed.skip_next(4)
-    assert list(resumed) == epoch0[4:] and list(resumed) == epoch1
-    with pytest.raises(ValueError, match="0 to 9 samples.*got 10"):
-        resumed.skip_next(10)
+def test_train_loader_resumed_mid_epoch_yields_the_rest_of_that_epoch():
+    """The loader's state after 2 of 3 batches, loaded into a fresh loader of a new process,
+    gives exactly the third batch, then the next epoch as an uninterrupted run would."""
+    datamodule = shapesworld(num_train=12, batch_size=4)
+    loader = datamodule.train_dataloader()
+    loader.sampler.set_epoch(3)
+    batches = iter(loader)
+    taken = [next(batches)["key"] for _ in range(2)]
+    state = loader.state_dict()
+    rest = [b["key"] for b in batches]
+    loader.sampler.set_epoch(4)
+    following = [b["key"] for b in loader]
+
+    fresh = shapesworld(num_train=12, batch_size=4).train_dataloader()
+    fresh.sampler.set_epoch(3)
+    fresh.load_state_dict(state)
+    assert [b["key"] for b in fresh] == rest and len(rest) == 1 and rest[0] not in taken
+    fresh.sampler.set_epoch(4)
+    assert [b["key"] for b in fresh] == following
 
 
 def test_setup_builds_only_the_stage_splits():

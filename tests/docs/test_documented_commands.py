@@ -43,6 +43,8 @@ NOT_RUN = {
     "python benchmarks/table2.py": "hours of training; tests/benchmarks/test_table2.py runs it on a tiny budget",
     "python benchmarks/train_step.py": "builds SD-1.5-sized models; tests/benchmarks/test_train_step.py runs it on tiny ones",
     "python benchmarks/recompute.py": "builds SD-1.5-sized models; tests/benchmarks/test_recompute.py runs it on tiny ones",
+    "torchrun": "starts a process per GPU on several machines; tests/training/test_multinode.py runs two torchrun nodes here",
+    "sbatch": "needs a SLURM cluster; the batch file runs `conftrl.train trainer=ddp` as test_multinode.py does",
 }
 
 # The suffixes docs/training.md documents for trying a command in seconds.

@@ -7,13 +7,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from conftrl.cli import train as train_command
 from conftrl.cli.train import train
 from conftrl.config import config_dir
-from conftrl.config.schema import ConfigError, validate_train_config
+from conftrl.config.schema import ConfigError, check_strategy_complete, validate_train_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 
@@ -90,7 +93,7 @@ def test_every_shipped_experiment_and_option_is_valid(compose_train, tmp_path):
     """The checks reject no config the project ships."""
     for experiment in EXPERIMENTS:
         validate_train_config(compose_train([f"experiment={experiment}"], tmp_path))
-    for overrides in (["trainer=cpu_long"], ["trainer=ddp"], ["trainer=gpu"], ["callbacks=[default,ema]"], ["debug=quick"]):
+    for overrides in (["trainer=cpu_long"], ["trainer=ddp"], ["trainer=ddp_spawn"], ["trainer=fsdp"], ["trainer=gpu"], ["callbacks=[default,ema]"], ["debug=quick"]):
         validate_train_config(compose_train(["experiment=canny_coft", *overrides], tmp_path))
 
 
@@ -118,3 +121,13 @@ def test_generate_and_evaluate_name_a_sampling_mistake_before_loading_the_adapte
     assert done.returncode == 1
     assert "sampler='ddm': Input should be 'ddim' or 'unipc'" in done.stderr
     assert "steps=0: Input should be greater than or equal to 1" in done.stderr
+
+
+def test_fsdp_over_several_processes_is_refused_with_the_reason(compose_train, tmp_path):
+    """Lightning runs FSDP on GPUs only, so the strategy the config builds is checked as it is."""
+    strategy = instantiate(compose_train(["experiment=canny_coft", "trainer=fsdp"], tmp_path).trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"]
+    check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=1))
+    check_strategy_complete(SimpleNamespace(strategy=DDPStrategy(), world_size=8))
+    with pytest.raises(ConfigError, match="trainer=fsdp over 8 processes: .* do not gather FSDP's shards"):
+        check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=8))

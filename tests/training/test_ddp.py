@@ -1,10 +1,12 @@
-"""Data-parallel training on CPU: 2 spawned processes (gloo), one Hydra job; and what spawning needs."""
+"""Data parallel on CPU with spawned processes (gloo): training in one Hydra job, validation
+metrics shared out over the ranks; and what spawning needs."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import FAST, run_command
@@ -12,7 +14,9 @@ from hydra.utils import instantiate
 from support.wandb_files import wandb_records
 
 from conftrl.diffusion import load_base
+from conftrl.metrics import layer_energies
 from conftrl.training.adapter import load_adapter
+from conftrl.training.callbacks import EnergyMonitor
 from conftrl.training.module import ControlModule
 
 
@@ -21,7 +25,7 @@ def test_two_process_ddp_keeps_the_replicas_identical(tiny_base, tmp_path):
     run_dir, probes = tmp_path / "run", tmp_path / "replicas"
     overrides = [o for o in FAST if not o.startswith(("logger=", "trainer.max_steps", "trainer.val_check"))]
     run_command(
-        "conftrl.train", "experiment=canny_coft", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "conftrl.train", "experiment=canny_coft", "trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2",
         f"model.path={tiny_base}", *overrides, "trainer.max_steps=3", "trainer.val_check_interval=3",
         "data.num_train=8", "logger=wandb", f"hydra.run.dir={run_dir}",
         "+callbacks.replicas._target_=replicas.SaveTrainableState", f"+callbacks.replicas.directory={probes}",
@@ -53,3 +57,51 @@ def test_every_method_pickles_for_spawned_workers(make_config, tiny_base, method
     with torch.no_grad():
         expected = module.control.predict(module.unet, noisy, t, text, control)
         torch.testing.assert_close(clone.control.predict(clone.unet, noisy, t, text, control), expected)
+
+
+class SeedRecordingModule(ControlModule):
+    """Appends the seeds each rank samples to `seeds_rank<global rank>.txt` in `probe_dir`."""
+
+    probe_dir: Path
+
+    def sample(self, prompts, control, seeds, **sampling):
+        with open(self.probe_dir / f"seeds_rank{self.global_rank}.txt", "a") as file:
+            file.write(" ".join(map(str, seeds)) + "\n")
+        return super().sample(prompts, control, seeds, **sampling)
+
+
+@pytest.mark.slow
+def test_validation_metrics_over_two_ranks_equal_one_process(make_config, tiny_base, tmp_path):
+    """Each of 2 ranks samples and scores half of the fidelity images and measures half of the
+    layers' energies; the pooled numbers are those of one process doing all of it."""
+    cfg = make_config("experiment=canny_coft", "method.init_weights=false",
+                      "callbacks.control_fidelity.num_images=4", "callbacks.control_fidelity.batch_size=2")  # fmt: skip
+    module = SeedRecordingModule(load_base(tiny_base), instantiate(cfg.method))
+    torch.manual_seed(0)
+    for parameter in module.control.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)  # so that the control shapes the samples
+    reference = {name: 1.1 * energy for name, energy in layer_energies(module.unet).items()}
+
+    def validate(devices: int) -> dict[str, float]:
+        module.probe_dir = tmp_path / f"devices{devices}"
+        module.probe_dir.mkdir()
+        energy = EnergyMonitor()
+        energy.reference = reference
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
+            callbacks=[instantiate(cfg.callbacks.control_fidelity), energy], limit_val_batches=1,
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.validate(module, datamodule=instantiate(cfg.data))
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/edge", "he/"))}
+
+    alone, shared = validate(1), validate(2)
+    seeds = {str(p.relative_to(tmp_path)): p.read_text().split() for p in tmp_path.glob("devices*/seeds_rank*.txt")}
+    assert seeds == {  # one process samples all 4 images; each of 2 ranks its half
+        "devices1/seeds_rank0.txt": ["0", "1", "2", "3"],
+        "devices2/seeds_rank0.txt": ["0", "1"],
+        "devices2/seeds_rank1.txt": ["2", "3"],
+    }
+    assert {"val/edge_f1", "he/total", "he/rel_change_total"} <= alone.keys() and alone.keys() == shared.keys()
+    assert shared == pytest.approx(alone, rel=1e-6, abs=1e-9)
+    assert alone["he/rel_change_total"] == pytest.approx(1 / 1.1 - 1)  # against the reference given
