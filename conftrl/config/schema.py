@@ -222,8 +222,9 @@ def _signature_schema(target: Callable, nested: set[str], partial: bool = False)
     """A pydantic model of the keyword arguments `target` accepts, from its annotations and
     its `LIBRARY_RULES`.
 
-    A class's `**kwargs` that it passes on to its base class is followed up the MRO; an open
-    `**kwargs` at the end admits any extra key. Arguments in `nested` are instantiated from
+    The `**kwargs` of one of conftrl's classes, which it passes on to its base class, is followed
+    up the MRO; any other `**kwargs` (a library's, which may go anywhere, as FSDPStrategy's go to
+    torch's FSDP) admits any extra key. Arguments in `nested` are instantiated from
     nodes of their own and accept anything here. A `partial` target's caller supplies the
     arguments the node leaves out, so none is required.
     """
@@ -246,6 +247,10 @@ def _library_rules(target: Callable) -> dict[str, Any]:
     return {}
 
 
+# Packages whose classes pass their `**kwargs` on to their base class.
+OWN_PACKAGES = ("conftrl.", "datamodules.")
+
+
 def _parameters(target: Callable) -> tuple[dict[str, tuple[inspect.Parameter, Any]], bool]:
     """Every keyword argument of `target` with its annotation; and whether any key goes."""
     functions = [target]
@@ -261,6 +266,8 @@ def _parameters(target: Callable) -> tuple[dict[str, tuple[inspect.Parameter, An
             parameters.setdefault(parameter.name, (parameter, hints.get(parameter.name, Any)))
         if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             return parameters, False
+        if not function.__module__.startswith(OWN_PACKAGES):
+            return parameters, True
     return parameters, True
 
 
