@@ -49,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "sampling": sampling,
         "trainable_parameters": int(adapter.config.trainable_parameters),
         "fidelity": fidelity_report(metric, sample, items, estimator_of(datamodule), cfg.batch_size, adapter.base.vae),
-        "hyperspherical_energy": energy_change(adapter.base.unet, load_unet(adapter.base.path)),
+        "hyperspherical_energy": energy_change(adapter.base.unet, load_unet(adapter.base.path, adapter.base.config)),
     }
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

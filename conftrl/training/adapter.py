@@ -203,7 +203,7 @@ def load_adapter(directory: str | Path, model_path: str | Path | None = None) ->
         base_path, method = model_path or config.model.path, instantiate_recorded(config, "method", directory / CONFIG_FILE)
     except (OmegaConfBaseException, HydraException) as error:
         raise AdapterError(f"{CONFIG_FILE} in {str(directory)!r} is corrupt: {error}") from error
-    base = load_base(base_path)
+    base = load_base(base_path, config.model.get("config"), config.model.get("tokenizer"))
     try:
         adapted = method.load(base, directory)
         control = load_control_path(directory, base.unet)
