@@ -1,4 +1,4 @@
-"""`python -m conftrl.export`: Merge an adapter into its base as a diffusers folder; the command is `conftrl.cli.export`."""
+"""`python -m conftrl.export`: Merge an adapter into its base; the command is `conftrl.cli.export`."""
 
 from conftrl.cli.export import main
 

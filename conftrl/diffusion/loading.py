@@ -173,7 +173,9 @@ def load_unet(path: str | Path, config: str | Path | None = None) -> UNet2DCondi
     path = Path(path).expanduser()
     if path.is_file():
         config = _check_single_file(path, config)
-        unet = UNet2DConditionModel.from_single_file(str(path), config=str(config), subfolder="unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_single_file(
+            str(path), config=str(config), subfolder="unet", local_files_only=True
+        )
     else:
         unet = _load("unet", check_model_folder(path), UNet2DConditionModel.from_pretrained)
     unet.requires_grad_(False)

@@ -30,19 +30,21 @@ def _rename(rest: str, table: dict[str, str]) -> str:
     return rest
 
 
+def _layer_key(blocks: str, index: int, kind: str, rest: str) -> str:
+    """A resnet (sub-layer 0) or attention (sub-layer 1) of the original's input or output blocks."""
+    return f"{blocks}.{index}.0.{_rename(rest, UNET_RESNET)}" if kind == "resnets" else f"{blocks}.{index}.1.{rest}"
+
+
 def unet_key(key: str, layers_per_block: int, has_attentions: list[bool]) -> str:
     """The original name of a diffusers UNet2DConditionModel key."""
     per_block = layers_per_block + 1
-    if match := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        i, kind, j, rest = int(match[1]), match[2], int(match[3]), match[4]
-        index = i * per_block + j + 1
-        return f"input_blocks.{index}.0.{_rename(rest, UNET_RESNET)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if match := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        down, i, kind, j, rest = match[1] == "down", int(match[2]), match[3], int(match[4]), match[5]
+        # Input block 0 is conv_in; each down block then has its layers and a downsampler.
+        index = i * per_block + j + (1 if down else 0)
+        return _layer_key("input_blocks" if down else "output_blocks", index, kind, rest)
     if match := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
         return f"input_blocks.{(int(match[1]) + 1) * per_block}.0.op.{match[2]}"
-    if match := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        i, kind, j, rest = int(match[1]), match[2], int(match[3]), match[4]
-        index = i * per_block + j
-        return f"output_blocks.{index}.0.{_rename(rest, UNET_RESNET)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
     if match := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
         i = int(match[1])
         return f"output_blocks.{i * per_block + layers_per_block}.{2 if has_attentions[i] else 1}.conv.{match[2]}"

@@ -46,12 +46,16 @@ def estimators(tmp_path_factory):
     return root
 
 
+def _folder_config(tiny_base, photo_folder, output_dir, *overrides):
+    folder = [f"model.path={tiny_base}", *FOLDER_FAST, "data=folder", f"data.root={photo_folder}"]
+    return compose_config("train", [*folder, *overrides], output_dir)
+
+
 def _train_and_evaluate(tiny_base, photo_folder, tmp_path, *overrides):
     run = tmp_path / "run"
-    train(compose_config("train", [f"model.path={tiny_base}", *FOLDER_FAST, "data=folder", f"data.root={photo_folder}",
-                                   *overrides], run))  # fmt: skip
-    report = evaluate(compose_config("cli/evaluate", [f"adapter={run / 'adapter'}", "num_images=2", "batch_size=2",
-                                                      "grid_rows=1", "grid_seeds=[0]", "steps=2"], tmp_path / "eval"))  # fmt: skip
+    train(_folder_config(tiny_base, photo_folder, run, *overrides))
+    quick = ["num_images=2", "batch_size=2", "grid_rows=1", "grid_seeds=[0]", "steps=2"]
+    report = evaluate(compose_config("cli/evaluate", [f"adapter={run / 'adapter'}", *quick], tmp_path / "eval"))
     return logged_metrics(run), report
 
 
@@ -66,13 +70,13 @@ def test_segmentation_fidelity_on_a_folder_is_read_by_the_estimator(tiny_base, p
     assert 0.0 <= row["value"] <= 1.0 and 0.0 <= row["ceiling"] <= 1.0
 
 
-DEPTH_DNN = ["experiment=depth_coft", "annotator=depth_dnn", "annotator.cache_dir=null", "annotator.estimator.input_size=[32,32]"]
+DEPTH_DNN = ["experiment=depth_coft", "annotator=depth_dnn", "annotator.cache_dir=null"]
+DEPTH_DNN += ["annotator.estimator.input_size=[32,32]"]
 
 
 def test_depth_fidelity_on_a_folder_is_read_by_the_estimator(tiny_base, photo_folder, estimators, tmp_path):
-    metrics, report = _train_and_evaluate(
-        tiny_base, photo_folder, tmp_path, *DEPTH_DNN, f"annotator.estimator.path={estimators / 'depth.onnx'}"
-    )
+    estimator = f"annotator.estimator.path={estimators / 'depth.onnx'}"
+    metrics, report = _train_and_evaluate(tiny_base, photo_folder, tmp_path, *DEPTH_DNN, estimator)
     assert any("val/depth_rmse" in row and "val/depth_order" in row for row in metrics)
     assert set(report["fidelity"]) == {"depth_rmse", "depth_order"}
     assert all(np.isfinite(row["value"]) and np.isfinite(row["ceiling"]) for row in report["fidelity"].values())
@@ -81,8 +85,8 @@ def test_depth_fidelity_on_a_folder_is_read_by_the_estimator(tiny_base, photo_fo
 def test_the_estimated_depth_of_the_real_images_matches_their_controls(tiny_base, photo_folder, estimators, tmp_path):
     """The estimator reads brightness, and the folder's depth files are the brightness: the real
     images score (near) perfectly, so the scorer compares the right maps the right way round."""
-    cfg = compose_config("train", [f"model.path={tiny_base}", *FOLDER_FAST, "data=folder", f"data.root={photo_folder}",
-                                   *DEPTH_DNN, f"annotator.estimator.path={estimators / 'depth.onnx'}"], tmp_path)  # fmt: skip
+    estimator = f"annotator.estimator.path={estimators / 'depth.onnx'}"
+    cfg = _folder_config(tiny_base, photo_folder, tmp_path, *DEPTH_DNN, estimator)
     datamodule = instantiate(cfg.data)
     datamodule.setup("validate")
     items = first_items(datamodule.val_dataloader(), 4)

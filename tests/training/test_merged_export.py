@@ -57,15 +57,16 @@ def test_a_coft_adapter_merged_loads_in_stock_diffusers_and_back_in_conftrl(trai
 
 @pytest.mark.parametrize("experiment", ["canny_lora", "canny_full", "canny_controlnet"])
 def test_other_methods_merge_too(make_config, tmp_path, experiment):
-    train(make_config(f"experiment={experiment}", "trainer.max_steps=1", "data.num_train=2", "callbacks.control_fidelity.num_images=1"))
+    quick = ["trainer.max_steps=1", "data.num_train=2", "callbacks.control_fidelity.num_images=1"]
+    train(make_config(f"experiment={experiment}", *quick))
     merged_dir = tmp_path / "merged"
     export_merged(load_adapter(tmp_path / "adapter"), merged_dir)
     assert np.isfinite(_stock_text_to_image(merged_dir)).all()
     _same_samples(tmp_path / "adapter", merged_dir)
     if experiment == "canny_controlnet":
         pipe = StableDiffusionControlNetPipeline.from_pretrained(merged_dir, local_files_only=True)
-        images = pipe(PROMPTS[0], image=_control()[:1], num_inference_steps=2, height=32, width=32, output_type="np").images
-        assert images.shape == (1, 32, 32, 3)
+        images = pipe(PROMPTS[0], image=_control()[:1], num_inference_steps=2, height=32, width=32, output_type="np")
+        assert images.images.shape == (1, 32, 32, 3)
 
 
 def test_export_replaces_an_export_and_refuses_any_other_folder(trained_run, tmp_path):
@@ -82,9 +83,10 @@ def test_export_replaces_an_export_and_refuses_any_other_folder(trained_run, tmp
 
 
 def test_the_command_writes_the_folder_and_reports_a_refusal_in_one_line(trained_run, tmp_path):
-    run_command("conftrl.export", f"adapter={trained_run / 'adapter'}", f"merged={tmp_path / 'merged'}", cwd=tmp_path)
+    adapter = f"adapter={trained_run / 'adapter'}"
+    run_command("conftrl.export", adapter, f"merged={tmp_path / 'merged'}", cwd=tmp_path)
     assert (tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a.txt").write_text("")
     with pytest.raises(AssertionError, match="conftrl.export: merged .*other.* is not a merged export"):
-        run_command("conftrl.export", f"adapter={trained_run / 'adapter'}", f"merged={tmp_path / 'other'}", cwd=tmp_path)
+        run_command("conftrl.export", adapter, f"merged={tmp_path / 'other'}", cwd=tmp_path)

@@ -59,8 +59,9 @@ def test_a_single_file_that_cannot_load_is_a_config_mistake(single_file, tmp_pat
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(single_file.read_bytes())
     paths = {"ckpt": ckpt, "file": single_file, "empty": tmp_path}
+    overrides = [override.format(**paths) for override in overrides]
     with pytest.raises(ConfigError, match=message):
-        train(compose_config("train", [o.format(**paths) for o in ["experiment=canny_coft", *overrides]], tmp_path / "run"))
+        train(compose_config("train", ["experiment=canny_coft", *overrides], tmp_path / "run"))
 
 
 def test_loading_a_single_file_without_a_vocabulary_names_the_key(single_file):
