@@ -23,11 +23,21 @@ from conftrl.diffusion.sampling import SAMPLING_OPTIONS
 from conftrl.evaluation.measure import energy_change, sample_grid
 from conftrl.evaluation.report import fidelity_report, split_items, to_markdown
 from conftrl.evaluation.scorers import UnknownMetricError, check_metric, estimator_of
-from conftrl.training.adapter import INPUT_ERRORS, load_adapter
+from conftrl.training.adapter import INPUT_ERRORS, TrainedAdapter, load_adapter
+from conftrl.training.merged import MERGED_BASE
 from conftrl.utils.images import save_png
 
 log = logging.getLogger(__name__)
 register_resolvers()
+
+
+def reference_unet(adapter: TrainedAdapter):
+    """The UNet the adapter's energy change is measured against: its base's, or for a merged
+    export the base it was merged into."""
+    merged_base = adapter.config.get(MERGED_BASE)
+    if merged_base is None:
+        return load_unet(adapter.base.path, adapter.base.config)
+    return load_unet(merged_base.path, merged_base.get("config"))
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -49,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "sampling": sampling,
         "trainable_parameters": int(adapter.config.trainable_parameters),
         "fidelity": fidelity_report(metric, sample, items, estimator_of(datamodule), cfg.batch_size, adapter.base.vae),
-        "hyperspherical_energy": energy_change(adapter.base.unet, load_unet(adapter.base.path, adapter.base.config)),
+        "hyperspherical_energy": energy_change(adapter.base.unet, reference_unet(adapter)),
     }
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@
                           StableDiffusionControlNetPipeline loads it
       control_encoder/    the paper's control encoder (diffusers format), which only conftrl runs
       conftrl.yaml        the adapter's config with no base of its own: the folder is its own
-                          base, so `load_adapter` (generate, evaluate) loads it as an adapter
+                          base, so `load_adapter` (generate, evaluate) loads it as an adapter;
+                          `merged_base` names the base it was merged into
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from omegaconf import OmegaConf
 from conftrl.diffusion.sampling import SAMPLERS
 from conftrl.training.adapter import CONFIG_FILE, TrainedAdapter, write_folder
 
+# The key of a merged export's config that records the base it was merged into.
+MERGED_BASE = "merged_base"
+
 
 def is_merged_export(directory: Path) -> bool:
     return (directory / CONFIG_FILE).is_file() and (directory / "model_index.json").is_file()
@@ -28,6 +32,7 @@ def merged_record(adapter: TrainedAdapter) -> dict:
     """The adapter's config for its merged export: no base path (the folder is its own), and a
     method that only carries the control path, since its weights are now the base's."""
     record = OmegaConf.to_container(adapter.config, resolve=True)
+    record[MERGED_BASE] = dict(record["model"])  # what the energy change is measured against
     record["model"] |= {"path": None, "config": None, "tokenizer": None}
     method = record["method"]
     record["method"] = {

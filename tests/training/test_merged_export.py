@@ -90,3 +90,20 @@ def test_the_command_writes_the_folder_and_reports_a_refusal_in_one_line(trained
     (tmp_path / "other" / "a.txt").write_text("")
     with pytest.raises(AssertionError, match="conftrl.export: merged .*other.* is not a merged export"):
         run_command("conftrl.export", adapter, f"merged={tmp_path / 'other'}", cwd=tmp_path)
+
+
+def test_evaluating_a_merged_export_measures_the_energy_against_the_base_it_was_merged_into(trained_run, tmp_path):
+    from conftest import compose_config
+
+    from conftrl.cli.evaluate import evaluate
+
+    export_merged(load_adapter(trained_run / "adapter"), tmp_path / "merged")
+    quick = ["num_images=2", "batch_size=2", "grid_rows=1", "grid_seeds=[0]", "steps=2"]
+    reports = [
+        evaluate(compose_config("cli/evaluate", [f"adapter={adapter}", *quick], tmp_path / adapter.name))
+        for adapter in (trained_run / "adapter", tmp_path / "merged")
+    ]
+    energies = [report["hyperspherical_energy"]["rel_change_max_abs"] for report in reports]
+    # Against itself the merged UNet would show no change at all.
+    assert energies[0] > 0 and energies[1] == pytest.approx(energies[0], rel=1e-3, abs=0)
+    assert reports[1]["fidelity"].keys() == reports[0]["fidelity"].keys()
