@@ -82,3 +82,10 @@ def test_the_shipped_configs_build_the_published_models(name):
             CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
         )
     assert tuple(sum(p.numel() for p in model.parameters()) for model in models) == PUBLISHED_PARAMETERS[name]
+
+
+def test_a_truncated_single_file_names_the_file_and_its_configs(single_file, tiny_base, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(single_file.read_bytes()[:1000])
+    with pytest.raises(ModelFolderError, match=f"cannot load '{truncated}' with the configs of '{tiny_base}'"):
+        load_base(truncated, config=tiny_base)
