@@ -72,7 +72,7 @@ WRITES = {
     "conftrl.train": "outputs/*/runs/*/adapter/conftrl.yaml",
     "conftrl.generate": "outputs/generate/*/*_seed0.png",
     "conftrl.evaluate": "outputs/evaluate/*/metrics.json",
-    "conftrl.export": "outputs/merged/model_index.json",
+    "conftrl.export": "outputs/*merged/model_index.json",
     "conftrl.pretrain": "outputs/pretrain/*/pretrain_record.json",
 }
 MAIN_COMMAND = ["python", "-m", "conftrl.train", "experiment=canny_coft"]
