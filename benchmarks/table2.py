@@ -64,7 +64,7 @@ from conftrl.diffusion import load_base
 from conftrl.evaluation.measure import fidelity_ceiling, first_items
 from conftrl.evaluation.report import fidelity_table
 from conftrl.evaluation.report import format_number as number
-from conftrl.evaluation.scorers import FIDELITY_SCORERS
+from conftrl.evaluation.scorers import estimator_of, fidelity_scorer
 from conftrl.training.adapter import CONFIG_FILE, FORMER_OPTIMISER_KEYS, read_adapter_config
 from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import ControlModule
@@ -389,7 +389,8 @@ def fidelity_ceilings(config: DictConfig) -> dict[str, float]:
     datamodule.setup("validate")
     items = first_items(datamodule.val_dataloader(), callback.num_images)
     vae = load_base(config.model.path).vae
-    return fidelity_ceiling(items, FIDELITY_SCORERS[callback.metric], callback.batch_size, vae)
+    score = fidelity_scorer(callback.metric, items, estimator_of(datamodule))
+    return fidelity_ceiling(items, score, callback.batch_size, vae)
 
 
 def first_step_reaching(curve: dict[int, float], target: float) -> int | None:

@@ -20,23 +20,34 @@ from conftrl.config import config_dir, register_resolvers
 from conftrl.config.schema import ConfigError, validate_sampling_overrides
 from conftrl.diffusion import load_unet
 from conftrl.diffusion.sampling import SAMPLING_OPTIONS
-from conftrl.evaluation.measure import energy_change, fidelity, fidelity_ceiling, sample_grid
-from conftrl.evaluation.report import fidelity_table, split_items, to_markdown
-from conftrl.evaluation.scorers import UnknownMetricError, fidelity_scorer
-from conftrl.training.adapter import INPUT_ERRORS, load_adapter
+from conftrl.evaluation.measure import energy_change, sample_grid
+from conftrl.evaluation.report import fidelity_report, split_items, to_markdown
+from conftrl.evaluation.scorers import UnknownMetricError, check_metric, estimator_of
+from conftrl.training.adapter import INPUT_ERRORS, TrainedAdapter, load_adapter
+from conftrl.training.merged import MERGED_BASE
 from conftrl.utils.images import save_png
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
+
+def reference_unet(adapter: TrainedAdapter):
+    """The UNet the adapter's energy change is measured against: its base's, or for a merged
+    export the base it was merged into."""
+    merged_base = adapter.config.get(MERGED_BASE)
+    if merged_base is None:
+        return load_unet(adapter.base.path, adapter.base.config)
+    return load_unet(merged_base.path, merged_base.get("config"))
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """The metrics of the adapter `cfg.adapter`, also written to `cfg.output_dir`."""
     adapter = load_adapter(cfg.adapter, cfg.model_path)
-    metric = cfg.metric or OmegaConf.select(adapter.config, "callbacks.control_fidelity.metric")
-    score = fidelity_scorer(metric)
+    metric = check_metric(cfg.metric or OmegaConf.select(adapter.config, "callbacks.control_fidelity.metric"))
     sampling = adapter.sampling(**{option: cfg[option] for option in SAMPLING_OPTIONS})
     sample = partial(adapter.sample, **sampling)
-    items = split_items(adapter.build("data"), cfg.split, cfg.num_images)
+    datamodule = adapter.build("data")
+    items = split_items(datamodule, cfg.split, cfg.num_images)
 
     report = {
         "adapter": str(Path(cfg.adapter).resolve()),
@@ -47,10 +58,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "num_images": len(items["caption"]),
         "sampling": sampling,
         "trainable_parameters": int(adapter.config.trainable_parameters),
-        "fidelity": fidelity_table(
-            fidelity(sample, items, score, cfg.batch_size), fidelity_ceiling(items, score, cfg.batch_size, adapter.base.vae)
-        ),
-        "hyperspherical_energy": energy_change(adapter.base.unet, load_unet(adapter.base.path)),
+        "fidelity": fidelity_report(metric, sample, items, estimator_of(datamodule), cfg.batch_size, adapter.base.vae),
+        "hyperspherical_energy": energy_change(adapter.base.unet, reference_unet(adapter)),
     }
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

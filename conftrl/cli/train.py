@@ -21,7 +21,7 @@ from conftrl.config import config_dir, register_resolvers
 from conftrl.config.schema import (
     ConfigError, check_method_fits, check_strategy_complete, instantiate_checked, validate_train_config,
 )
-from conftrl.diffusion import load_base
+from conftrl.diffusion import config_folder, load_base
 from conftrl.training.adapter import INPUT_ERRORS, export_adapter
 from conftrl.training.checkpoints import CheckpointError, resume_path
 from conftrl.training.loggers import finish_wandb_run, keep_wandb_files_in_run_dir
@@ -45,13 +45,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     method = instantiate_checked(cfg.method, "method")
-    check_method_fits(method, cfg.model.path)
+    check_method_fits(method, config_folder(cfg.model.path, cfg.model.get("config")))
     datamodule = instantiate(cfg.data)
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False
     )
     check_strategy_complete(trainer)
-    module = instantiate(cfg.module)(base=load_base(cfg.model.path), method=method)
+    base = load_base(cfg.model.path, cfg.model.get("config"), cfg.model.get("tokenizer"))
+    module = instantiate(cfg.module)(base=base, method=method)
     keep_wandb_files_in_run_dir(trainer)
     run_info = {"trainable_parameters": module.num_trainable_parameters}
     log.info("method %s: %s trainable parameters", cfg.method.name, f"{module.num_trainable_parameters:,}")

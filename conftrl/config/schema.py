@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from conftrl.diffusion.loading import config_folder, single_file_problems, tokenizer_problems
 from conftrl.diffusion.objective import TIMESTEP_SAMPLINGS
 from conftrl.diffusion.sampling import SAMPLERS
 
@@ -112,11 +113,12 @@ def validate_sampling_overrides(cfg: DictConfig) -> None:
         raise ConfigError("\n".join(errors))
 
 
-def check_method_fits(method: Any, model_path: str) -> None:
-    """Adapt a weightless copy of the base (built on the meta device from its config files) with
-    `method`, so that a setting the base's layers cannot take (an `r` that does not
-    divide a layer's width, a target that matches nothing) is reported before the weights load."""
-    folder = Path(model_path)
+def check_method_fits(method: Any, folder: str | Path) -> None:
+    """Adapt a weightless copy of the base (built on the meta device from the config files in
+    `folder`) with `method`, so that a setting the base's layers cannot take (an `r` that does
+    not divide a layer's width, a target that matches nothing) is reported before the weights
+    load."""
+    folder = Path(folder)
     if not (folder / "unet" / "config.json").is_file():
         return  # not a diffusers folder: the loader reports it
     with torch.device("meta"):
@@ -282,12 +284,16 @@ def _hints(function: Callable, owner: Callable) -> dict[str, Any]:
 
 
 def _model_path_errors(cfg: DictConfig) -> list[str]:
-    """`model.path` must exist, and `data.resolution` must suit its VAE and the pipelines."""
+    """`model.path` must exist (a single file: as safetensors, with a config folder and a
+    tokenizer), and `data.resolution` must suit its VAE and the pipelines."""
     path = Path(str(cfg.model.path))
     if not path.exists():
         return [f"model.path={str(path)!r}: no such folder or file"]
+    config, tokenizer = cfg.model.get("config"), cfg.model.get("tokenizer")
+    if path.is_file() and (problems := single_file_problems(path, config) or tokenizer_problems(config, tokenizer)):
+        return problems
     multiple = PIPELINE_MULTIPLE
-    vae_config = path / "vae" / "config.json"
+    vae_config = config_folder(path, config) / "vae" / "config.json"
     if vae_config.is_file():
         vae_factor = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0])) - 1)
         multiple = math.lcm(multiple, vae_factor)

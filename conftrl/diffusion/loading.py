@@ -1,4 +1,5 @@
-"""Load the frozen parts of a text-to-image model from a local diffusers folder."""
+"""Load the frozen parts of a text-to-image model from a local diffusers folder, or from one
+safetensors file in the original (CompVis) key layout read with a diffusers config folder."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ REQUIRED_FILES = {
     "tokenizer": ("tokenizer.json", "vocab.json", "tokenizer_config.json"),
     "scheduler": ("scheduler_config.json",),
 }
+# A tokenizer's vocabulary: what a folder must hold besides its settings to tokenize.
+TOKENIZER_VOCABULARY = ("tokenizer.json", "vocab.json")
+# Single files are read only as safetensors: a .ckpt is a pickle, which can run code.
+SINGLE_FILE_SUFFIX = ".safetensors"
 
 
 class ModelFolderError(FileNotFoundError):
@@ -33,6 +38,7 @@ class DiffusionBase:
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerBase
     noise_scheduler: DDPMScheduler
+    config: Path | None = None  # the config folder a single-file `path` was read with
 
     @property
     def vae_scale_factor(self) -> int:
@@ -53,8 +59,9 @@ class DiffusionBase:
             model.eval()
 
 
-def check_model_folder(path: str | Path) -> Path:
-    """Fail early, naming the path and every missing piece, before any loader runs."""
+def check_model_folder(path: str | Path, without: tuple[str, ...] = ()) -> Path:
+    """Fail early, naming the path and every missing piece (but the subfolders `without`),
+    before any loader runs."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelFolderError(f"model path {str(path)!r} does not exist (set model.path=...)")
@@ -63,13 +70,48 @@ def check_model_folder(path: str | Path) -> Path:
     missing = [
         f"{sub}/{' or '.join(names)}" if sub != "." else names[0]
         for sub, names in REQUIRED_FILES.items()
-        if not any((path / sub / name).is_file() for name in names)
+        if sub not in without and not any((path / sub / name).is_file() for name in names)
     ]
     if missing:
         raise ModelFolderError(
             f"{str(path)!r} is not a diffusers text-to-image folder; missing: {', '.join(missing)}"
         )
     return path
+
+
+def single_file_problems(path: Path, config: str | Path | None) -> list[str]:
+    """What keeps the single file `path` from loading with the config folder `config`, as
+    `key=value: why` lines."""
+    if path.suffix != SINGLE_FILE_SUFFIX:
+        return [f"model.path={str(path)!r}: a single-file checkpoint must be {SINGLE_FILE_SUFFIX} "
+                "(a .ckpt is a pickle, which is never loaded); convert it, or give a diffusers folder"]  # fmt: skip
+    if config is None:
+        return [f"model.config: a single-file checkpoint ({str(path)!r}) needs the diffusers config folder of its "
+                "architecture (model=sd15 and model=sd21 set it)"]  # fmt: skip
+    try:
+        check_model_folder(config, without=("tokenizer",))
+    except ModelFolderError as error:
+        return [f"model.config: {error}"]
+    return []
+
+
+def tokenizer_problems(config: str | Path, tokenizer: str | Path | None) -> list[str]:
+    """What keeps the tokenizer folder `tokenizer` (None: the config folder's own) from
+    tokenizing: a vocabulary, which a single-file checkpoint does not carry."""
+    vocabulary = Path(tokenizer) if tokenizer is not None else Path(config) / "tokenizer"
+    if not any((vocabulary / name).is_file() for name in TOKENIZER_VOCABULARY):
+        key = "model.tokenizer" if tokenizer is not None else "model.tokenizer (unset)"
+        return [f"{key}: {str(vocabulary)!r} holds no tokenizer vocabulary ({' or '.join(TOKENIZER_VOCABULARY)}); "
+                "a single-file checkpoint carries none, so set model.tokenizer=<folder> to the tokenizer/ folder of "
+                "the model's diffusers copy, or of openai/clip-vit-large-patch14 for SD 1.x"]  # fmt: skip
+    return []
+
+
+def config_folder(path: str | Path, config: str | Path | None = None) -> Path:
+    """The folder that holds the model's component configs: `path` itself, or for a single
+    file the config folder it is read with."""
+    path = Path(path).expanduser()
+    return path if path.is_dir() or config is None else Path(config).expanduser()
 
 
 def _load(component: str, path: Path, loader):
@@ -79,23 +121,62 @@ def _load(component: str, path: Path, loader):
         raise ModelFolderError(f"cannot load {component!r} from {str(path)!r}: {error}") from error
 
 
-def load_base(path: str | Path) -> DiffusionBase:
-    """Load and freeze UNet, VAE, text encoder, tokenizer and noise scheduler from `path`."""
-    path = check_model_folder(path)
-    base = DiffusionBase(
-        path=path,
-        unet=_load("unet", path, UNet2DConditionModel.from_pretrained),
-        vae=_load("vae", path, AutoencoderKL.from_pretrained),
-        text_encoder=_load("text_encoder", path, CLIPTextModel.from_pretrained),
-        tokenizer=_load("tokenizer", path, AutoTokenizer.from_pretrained),
-        noise_scheduler=_load("scheduler", path, DDPMScheduler.from_pretrained),
-    )
+def _check_single_file(path: Path, config: str | Path | None) -> Path:
+    if problems := single_file_problems(path, config):
+        raise ModelFolderError("\n".join(problems))
+    return Path(config).expanduser()
+
+
+def _load_single_file(path: Path, config: str | Path | None, tokenizer: str | Path | None) -> DiffusionBase:
+    """The pipeline's modules from an original-layout file, as diffusers converts them, with the
+    component configs of `config` and the tokenizer of `tokenizer` (or of `config`); offline."""
+    config = _check_single_file(path, config)
+    if problems := tokenizer_problems(config, tokenizer):
+        raise ModelFolderError("\n".join(problems))
+    vocabulary = Path(tokenizer).expanduser() if tokenizer is not None else config / "tokenizer"
+    tokenizer_loaded = _load(vocabulary.name, vocabulary.parent, AutoTokenizer.from_pretrained)
+    scheduler = _load("scheduler", config, DDPMScheduler.from_pretrained)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, tokenizer=tokenizer_loaded, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    except Exception as error:  # a file of another architecture, truncated, or not a checkpoint
+        raise ModelFolderError(f"cannot load {str(path)!r} with the configs of {str(config)!r}: {error}") from error
+    return DiffusionBase(path, pipe.unet, pipe.vae, pipe.text_encoder, tokenizer_loaded, scheduler, config)
+
+
+def load_base(path: str | Path, config: str | Path | None = None, tokenizer: str | Path | None = None) -> DiffusionBase:
+    """Load and freeze UNet, VAE, text encoder, tokenizer and noise scheduler from the diffusers
+    folder `path`, or from the single file `path` with the config folder `config` (and the
+    tokenizer folder `tokenizer`, where `config` has no vocabulary)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        base = _load_single_file(path, config, tokenizer)
+    else:
+        path = check_model_folder(path)
+        base = DiffusionBase(
+            path=path,
+            unet=_load("unet", path, UNet2DConditionModel.from_pretrained),
+            vae=_load("vae", path, AutoencoderKL.from_pretrained),
+            text_encoder=_load("text_encoder", path, CLIPTextModel.from_pretrained),
+            tokenizer=_load("tokenizer", path, AutoTokenizer.from_pretrained),
+            noise_scheduler=_load("scheduler", path, DDPMScheduler.from_pretrained),
+        )
     base.freeze()
     return base
 
 
-def load_unet(path: str | Path) -> UNet2DConditionModel:
-    """Only the frozen UNet of `path`: the reference an adapted UNet is compared with."""
-    unet = _load("unet", check_model_folder(path), UNet2DConditionModel.from_pretrained)
+def load_unet(path: str | Path, config: str | Path | None = None) -> UNet2DConditionModel:
+    """Only the frozen UNet of `path` (a single file: read with `config`): the reference an
+    adapted UNet is compared with."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        config = _check_single_file(path, config)
+        unet = UNet2DConditionModel.from_single_file(
+            str(path), config=str(config), subfolder="unet", local_files_only=True
+        )
+    else:
+        unet = _load("unet", check_model_folder(path), UNet2DConditionModel.from_pretrained)
     unet.requires_grad_(False)
     return unet.eval()

@@ -3,8 +3,12 @@ value, ceiling and percent of ceiling (JSON for scripts, Markdown for people).""
 
 from __future__ import annotations
 
-from conftrl.evaluation.measure import first_items
-from conftrl.evaluation.scorers import HIGHER_IS_BETTER
+import logging
+
+from conftrl.evaluation.measure import Sampler, fidelity, fidelity_ceiling, first_items
+from conftrl.evaluation.scorers import HIGHER_IS_BETTER, FidelityUnavailable, fidelity_scorer
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
 
@@ -24,6 +28,17 @@ def fidelity_table(scores: dict[str, float], ceilings: dict[str, float]) -> dict
         known = HIGHER_IS_BETTER[name] and ceiling > 0
         table[name] = {"value": value, "ceiling": ceiling, "percent_of_ceiling": 100 * value / ceiling if known else None}
     return table
+
+
+def fidelity_report(metric: str, sample: Sampler, items: dict, estimator, batch_size: int, vae) -> dict:
+    """The fidelity table of `metric`; empty, with a warning, where the data cannot be scored
+    for it (segmentation or depth off ShapesWorld without an estimator)."""
+    try:
+        score = fidelity_scorer(metric, items, estimator)
+    except FidelityUnavailable as reason:
+        log.warning("%s", reason)
+        return {}
+    return fidelity_table(fidelity(sample, items, score, batch_size), fidelity_ceiling(items, score, batch_size, vae))
 
 
 def format_number(value: float | None, digits: int = 4) -> str:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,28 +146,45 @@ def instantiate_recorded(config: DictConfig, key: str, source: str | Path):
 INPUT_ERRORS = (AdapterError, ModelFolderError, BadSampleError, EmptySplitError)
 
 
-def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
-    """Write the adapter folder beside its final place, then swap it in (`replace_folder`):
-    a crash leaves the previous adapter or the new one. A folder there that is not an
-    adapter is never replaced."""
+def write_folder(
+    directory: str | Path, build: Callable[[Path], None], ours: Callable[[Path], bool], kind: str, key: str
+) -> Path:
+    """Build a folder beside `directory` with `build(staging)`, then swap it in
+    (`replace_folder`): a crash leaves the previous folder or the new one. A non-empty folder
+    there that `ours` does not recognise as `kind` is never replaced (`key` names the setting
+    that chose the place)."""
     directory = Path(directory)
     occupied = directory.is_file() or directory.is_dir() and any(directory.iterdir())
-    if occupied and not (directory / CONFIG_FILE).is_file():
-        raise AdapterError(f"export_dir {str(directory)!r} exists and is not an adapter folder; it is left as it is")
+    if occupied and not ours(directory):
+        raise AdapterError(f"{key} {str(directory)!r} exists and is not {kind}; it is left as it is")
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with naming_a_full_disk(directory):
             staging.mkdir(parents=True)
-            module.method.save(module.adapted, staging)
-            module.control.save(staging)
-            record = OmegaConf.to_container(config, resolve=True)
-            record["trainable_parameters"] = module.num_trainable_parameters
-            OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
+            build(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return replace_folder(staging, directory)
+
+
+def is_adapter(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file()
+
+
+def export_adapter(module, config: DictConfig, directory: str | Path) -> Path:
+    """Write the adapter folder atomically (`write_folder`); a folder there that is not an
+    adapter is never replaced."""
+
+    def build(staging: Path) -> None:
+        module.method.save(module.adapted, staging)
+        module.control.save(staging)
+        record = OmegaConf.to_container(config, resolve=True)
+        record["trainable_parameters"] = module.num_trainable_parameters
+        OmegaConf.save(OmegaConf.create(record), staging / CONFIG_FILE)
+
+    return write_folder(directory, build, is_adapter, "an adapter folder", "export_dir")
 
 
 @dataclass
@@ -194,16 +212,18 @@ class TrainedAdapter:
 
 
 def load_adapter(directory: str | Path, model_path: str | Path | None = None) -> TrainedAdapter:
-    """Load the base named in the adapter's config (or `model_path`) and apply the adapter."""
+    """Load the base named in the adapter's config (or `model_path`; a merged export, whose
+    config names none, is its own base) and apply the adapter."""
     directory = Path(directory).expanduser()
     if not (directory / CONFIG_FILE).is_file():
         raise AdapterError(f"{str(directory)!r} is not a conftrl adapter folder (no {CONFIG_FILE})")
     config = read_adapter_config(directory / CONFIG_FILE)  # checked before anything is built
     try:
-        base_path, method = model_path or config.model.path, instantiate_recorded(config, "method", directory / CONFIG_FILE)
+        base_path = model_path or config.model.path or directory
+        method = instantiate_recorded(config, "method", directory / CONFIG_FILE)
     except (OmegaConfBaseException, HydraException) as error:
         raise AdapterError(f"{CONFIG_FILE} in {str(directory)!r} is corrupt: {error}") from error
-    base = load_base(base_path)
+    base = load_base(base_path, config.model.get("config"), config.model.get("tokenizer"))
     try:
         adapted = method.load(base, directory)
         control = load_control_path(directory, base.unet)

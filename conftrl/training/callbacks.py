@@ -9,6 +9,7 @@ results pooled, so every rank logs the number one process would; grids come from
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,9 +22,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from conftrl.evaluation.measure import fidelity, first_items, mean_scores, sample_grid
-from conftrl.evaluation.scorers import FIDELITY_SCORERS, fidelity_scorer
+from conftrl.evaluation.scorers import FIDELITY_SCORERS, FidelityUnavailable, estimator_of, fidelity_scorer
 from conftrl.metrics import energy_summary, layer_energies, layer_weights, rotation_stats
 from conftrl.utils.images import save_png
+
+log = logging.getLogger(__name__)
 
 
 def _skip(trainer: Trainer) -> bool:
@@ -67,21 +70,37 @@ class SampleGrid(Callback):
 
 
 class ControlFidelity(Callback):
-    """Scores samples for the first `num_images` validation controls (seed = index)."""
+    """Scores samples for the first `num_images` validation controls (seed = index).
+
+    Segmentation and depth on data other than ShapesWorld are read off the samples by the
+    annotator's estimator; with none, the metric is skipped for the run, with one warning.
+    """
 
     def __init__(
         self, metric: Literal[tuple(FIDELITY_SCORERS)], num_images: Annotated[int, Ge(1)],
         batch_size: Annotated[int, Ge(1)], sampling: dict,
     ):
-        self.score = fidelity_scorer(metric)
-        self.num_images, self.batch_size, self.sampling = num_images, batch_size, dict(sampling)
+        self.metric, self.num_images, self.batch_size, self.sampling = metric, num_images, batch_size, dict(sampling)
         self.items: dict | None = None
+        self.score = None
+        self.skipped = False
+
+    def _prepare(self, trainer: Trainer) -> bool:
+        """Pick the items and their scorer once; False (and the one warning) if none can score them."""
+        datamodule = trainer.datamodule
+        self.items = first_items(datamodule.val_dataloader(), self.num_images)
+        try:
+            self.score = fidelity_scorer(self.metric, self.items, estimator_of(datamodule))
+        except FidelityUnavailable as reason:
+            if trainer.is_global_zero:
+                log.warning("%s", reason)
+            self.skipped = True
+        return not self.skipped
 
     def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        # Every rank sees the same items and estimator, so every rank skips or scores alike.
+        if trainer.sanity_checking or self.skipped or (self.score is None and not self._prepare(trainer)):
             return
-        if self.items is None:
-            self.items = first_items(trainer.datamodule.val_dataloader(), self.num_images)
         share = _share(len(self.items["caption"]), trainer)
         mine = {key: value[share] for key, value in self.items.items()}
         count = len(mine["caption"])

@@ -54,6 +54,10 @@ class Method:
         """Apply the weights `save` wrote to a freshly loaded `base`."""
         raise NotImplementedError
 
+    def merge(self, adapted: Adapted) -> None:
+        """Fold the trained weights into the adapted models' own layers, leaving plain diffusers
+        and transformers models (full finetuning and the control path alone have nothing to fold)."""
+
     def models(self, base: DiffusionBase) -> dict[str, nn.Module]:
         return {"unet": base.unet, **({"text_encoder": base.text_encoder} if self.text_encoder else {})}
 
@@ -141,6 +145,10 @@ class OFTMethod(Method):
     def load(self, base: DiffusionBase, directory: Path) -> dict[str, OFTModel]:
         return {part: OFTModel.from_pretrained(model, directory / part) for part, model in self.models(base).items()}
 
+    def merge(self, adapted: dict[str, OFTModel]) -> None:
+        for wrapper in adapted.values():
+            wrapper.merge_and_unload()  # W Rᵀ into each weight, the plain layer back in place
+
 
 @dataclass
 class LoRAMethod(Method):
@@ -187,6 +195,17 @@ class LoRAMethod(Method):
             if result.unexpected_keys:
                 raise ValueError(f"LoRA weights in {directory / part} do not fit: {result.unexpected_keys[:5]}")
         return adapted
+
+    def merge(self, adapted: Adapted) -> None:
+        # peft merges per layer; its model-level merge_and_unload needs a PeftModel wrapper,
+        # which `inject_adapter_in_model` does not make.
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for model in adapted.values():
+            for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]:
+                layer.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer.get_base_layer())
 
 
 @dataclass

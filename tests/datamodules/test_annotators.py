@@ -1,10 +1,9 @@
 import pickle
-import warnings
 
 import cv2
 import numpy as np
 import pytest
-import torch
+from support.estimators import save_brightness_onnx, save_transformers_estimators
 
 from datamodules.annotators import (
     ADE20K_PALETTE,
@@ -68,16 +67,8 @@ def test_map_annotators_need_a_map_or_an_estimator():
 
 @pytest.fixture(scope="module")
 def brightness_onnx(tmp_path_factory):
-    """A 1-conv ONNX 'depth' net: ReLU of the mean of the input channels."""
     pytest.importorskip("onnx")
-    conv = torch.nn.Conv2d(3, 1, 1, bias=False)
-    conv.weight.data.fill_(1 / 3)
-    net = torch.nn.Sequential(conv, torch.nn.ReLU())
-    path = tmp_path_factory.mktemp("onnx") / "depth.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.zeros(1, 3, 32, 32), path, dynamo=False, input_names=["image"])
-    return path
+    return save_brightness_onnx(tmp_path_factory.mktemp("onnx") / "depth.onnx")
 
 
 def test_dnn_depth_estimator_runs_an_onnx_model(brightness_onnx, photo):
@@ -115,32 +106,7 @@ def test_missing_model_path_fails_at_construction(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_transformers_models(tmp_path_factory):
-    """Random-weight DPT (depth) and SegFormer (segmentation) folders, built offline."""
-    from transformers import (
-        DPTConfig,
-        DPTForDepthEstimation,
-        DPTImageProcessor,
-        SegformerConfig,
-        SegformerForSemanticSegmentation,
-        SegformerImageProcessor,
-    )
-
-    root = tmp_path_factory.mktemp("transformers")
-    torch.manual_seed(0)
-    depth_config = DPTConfig(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
-        patch_size=8, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_hidden_size=8,
-        backbone_out_indices=[0, 1, 2, 3],
-    )  # fmt: skip
-    DPTForDepthEstimation(depth_config).save_pretrained(root / "dpt")
-    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dpt")
-    segmentation_config = SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
-        strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=5,
-    )  # fmt: skip
-    SegformerForSemanticSegmentation(segmentation_config).save_pretrained(root / "segformer")
-    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "segformer")
-    return root
+    return save_transformers_estimators(tmp_path_factory.mktemp("transformers"))
 
 
 def test_transformers_depth_estimator_from_a_local_folder(tiny_transformers_models, photo):

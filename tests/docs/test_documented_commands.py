@@ -4,8 +4,9 @@ Each document gets a fresh working directory, `PROJECT_ROOT` unset, no network; 
 run there in the order a reader meets them, so a `generate` after a `train` uses that run's
 adapter. The only additions are the quick suffixes docs/training.md documents ("Trying a
 command quickly"), and paths a user would have are replaced by stand-ins built here: an
-SD-1.5-shaped model with tiny widths, a fill50k-layout folder, a folder of photos, a depth
-ONNX model, a control image, and the time stamp of the newest run. A command added to the
+SD-1.5-shaped model with tiny widths (also as one original-layout file, read with its own
+configs in place of SD 1.5's), a fill50k-layout folder, a folder of photos, a depth ONNX model,
+a control image, and the time stamp of the newest run. A command added to the
 docs is tested from then on; one that cannot run here must be listed in NOT_RUN with why.
 """
 
@@ -27,6 +28,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from support.docs_commands import REPO, Command, documented_commands
+from support.original_layout import save_original_checkpoint
 from support.wandb_files import wandb_runs
 
 from conftrl.diffusion.tiny import TinySpec, save_tiny_pipeline
@@ -70,6 +72,7 @@ WRITES = {
     "conftrl.train": "outputs/*/runs/*/adapter/conftrl.yaml",
     "conftrl.generate": "outputs/generate/*/*_seed0.png",
     "conftrl.evaluate": "outputs/evaluate/*/metrics.json",
+    "conftrl.export": "outputs/*merged/model_index.json",
     "conftrl.pretrain": "outputs/pretrain/*/pretrain_record.json",
 }
 MAIN_COMMAND = ["python", "-m", "conftrl.train", "experiment=canny_coft"]
@@ -89,15 +92,19 @@ def not_run_reason(command: Command) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory) -> dict[str, str]:
-    """Documented placeholder → the path of a small stand-in built here."""
+def stand_ins(tmp_path_factory) -> dict[str, str | list[str]]:
+    """Documented placeholder → the words naming a small stand-in built here."""
     root = tmp_path_factory.mktemp("stand_ins")
     sd15 = save_tiny_pipeline(root / "sd15", TinySpec(
         resolution=64, vae_channels=(8, 8, 8, 8), unet_channels=(16, 16, 32, 32), norm_groups=8, layers_per_block=2,
         text_hidden=32, text_layers=1, max_tokens=16, sd_block_order=True,
     ))
+    single_file = save_original_checkpoint(sd15, root / "sd15.safetensors")
     return {
         "model.path=/models/sd15": f"model.path={sd15}",
+        # The stand-in's widths are not SD 1.5's: its own configs replace the shipped ones.
+        "model.path=/models/sd15.safetensors": [f"model.path={single_file}", f"model.config={sd15}"],
+        "model.tokenizer=/models/sd15/tokenizer": f"model.tokenizer={sd15 / 'tokenizer'}",
         "model.path=...": f"model.path={sd15}",
         "data.root=/data/fill50k": f"data.root={fill50k_folder(root / 'fill50k')}",
         "data.root=/photos": f"data.root={photo_folder(root / 'photos')}",
@@ -210,9 +217,10 @@ def serves_a_page(argv: list[str], cwd: Path, timeout: float = 300) -> bool:
         server.wait(timeout=60)
 
 
-def as_run_here(command: Command, stand_ins: dict[str, str], cwd: Path) -> list[str]:
+def as_run_here(command: Command, stand_ins: dict[str, str | list[str]], cwd: Path) -> list[str]:
     """The command's words with stand-ins for a user's paths, and its quick suffix."""
-    words = [stand_ins.get(word, word) for word in command.argv]
+    replaced = [stand_ins.get(word, word) for word in command.argv]
+    words = [w for word in replaced for w in ([word] if isinstance(word, str) else word)]
     if any("<time>" in word for word in words):
         words = [word.replace("<time>", newest_run(cwd)) for word in words]
     placeholders = [word for word in words if re.search(r"<[^>]*>|\.\.\.|…", word)]
