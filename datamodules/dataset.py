@@ -96,6 +96,8 @@ class ControlDataset(Dataset):
             "control": torch.from_numpy(control).permute(2, 0, 1).float().div_(255.0),
             "caption": caption,
             "key": sample["key"],
+            "original_size": torch.tensor(sample["original_size"]),
+            "crop_top_left": torch.tensor(sample["crop_top_left"]),
         }
         if "depth" in sample:
             item["depth"] = torch.from_numpy(np.asarray(sample["depth"], np.float32))[None]

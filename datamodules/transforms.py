@@ -4,7 +4,9 @@ A sample is a dict; its pixel arrays are ``image`` (uint8 H×W×3), and optional
 ``control`` (uint8 H×W×3), ``depth`` (float32 H×W) and ``labels`` (int64 H×W). The
 transform resizes the shorter side to the training resolution (upscaling images smaller
 than the crop), crops a square (centre or random) and optionally flips horizontally. Class
-maps are resampled nearest-neighbour so no invented class appears at a boundary.
+maps are resampled nearest-neighbour so no invented class appears at a boundary. It also
+reports what it did: ``original_size`` (height, width before resizing) and ``crop_top_left``
+(top, left of the crop in the resized image).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class PairedTransform:
                 array = _resize(sample[key], size, nearest=key == "labels")
                 array = array[top : top + self.resolution, left : left + self.resolution]
                 out[key] = np.ascontiguousarray(array[:, ::-1] if flip else array)
+        # What was done, in the image's own frame: flipped, the crop's left edge is that of the
+        # mirrored resized image. SDXL is conditioned on these.
+        out["original_size"] = (height, width)
+        out["crop_top_left"] = (top, size[0] - self.resolution - left if flip else left)
         return out
 
     def _crop_origin(self, height: int, width: int, rng: np.random.Generator | None) -> tuple[int, int]:

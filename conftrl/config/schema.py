@@ -29,7 +29,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conftrl.diffusion.loading import config_folder, single_file_problems, tokenizer_problems
 from conftrl.diffusion.objective import TIMESTEP_SAMPLINGS
@@ -37,6 +37,8 @@ from conftrl.diffusion.sampling import SAMPLERS
 
 # diffusers' Stable Diffusion pipelines need image sides divisible by 8, whatever the VAE.
 PIPELINE_MULTIPLE = 8
+# A base folder's text encoders (SDXL has both) and the class each is built as.
+TEXT_ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
 
 
 # Bounds that library signatures do not state, checked as if they were annotated there: torch's
@@ -124,8 +126,11 @@ def check_method_fits(method: Any, folder: str | Path) -> None:
     with torch.device("meta"):
         skeleton = SimpleNamespace(
             unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-            if getattr(method, "text_encoder", False) else None,
+            text_encoders={
+                name: kind(CLIPTextConfig.from_pretrained(folder / name))
+                for name, kind in TEXT_ENCODERS.items()
+                if getattr(method, "text_encoder", False) and (folder / name / "config.json").is_file()
+            },
         )
         try:
             method.adapt(skeleton)

@@ -19,10 +19,11 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import ControlNetModel, DiffusionPipeline
 from torch import nn
 
 from conftrl.control.encoder import ControlEncoder, encoder_for_unet
+from conftrl.diffusion.conditioning import Conditioning
 
 
 def _add(output: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
@@ -76,11 +77,11 @@ class EncoderControl(nn.Module):
         finally:
             self.features = None
 
-    def predict(self, unet, noisy, timesteps, text, control) -> torch.Tensor:
+    def predict(self, unet, noisy, timesteps, conditioning: Conditioning, control) -> torch.Tensor:
         with self.applied(control):
-            return unet(noisy, timesteps, encoder_hidden_states=text).sample
+            return unet(noisy, timesteps, **conditioning.unet_kwargs()).sample
 
-    def pipeline(self, base, scheduler) -> StableDiffusionPipeline:
+    def pipeline(self, base, scheduler) -> DiffusionPipeline:
         return base.pipeline(scheduler)
 
     def pipeline_kwargs(self, control: torch.Tensor) -> dict:
@@ -139,21 +140,17 @@ class ControlNetControl(nn.Module):
             weights = torch.cat([torch.zeros_like(weights), weights])
         return _hooked(self.controlnet, ScaleResiduals(weights))
 
-    def predict(self, unet, noisy, timesteps, text, control) -> torch.Tensor:
+    def predict(self, unet, noisy, timesteps, conditioning: Conditioning, control) -> torch.Tensor:
         down, mid = self.controlnet(
-            noisy, timesteps, encoder_hidden_states=text, controlnet_cond=control, return_dict=False
+            noisy, timesteps, **conditioning.unet_kwargs(), controlnet_cond=control, return_dict=False
         )
         return unet(
-            noisy, timesteps, encoder_hidden_states=text,
+            noisy, timesteps, **conditioning.unet_kwargs(),
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
         ).sample
 
-    def pipeline(self, base, scheduler) -> StableDiffusionControlNetPipeline:
-        return StableDiffusionControlNetPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            controlnet=self.controlnet, scheduler=scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+    def pipeline(self, base, scheduler) -> DiffusionPipeline:
+        return base.pipeline(scheduler, controlnet=self.controlnet)
 
     def pipeline_kwargs(self, control: torch.Tensor) -> dict:
         return {"image": control}

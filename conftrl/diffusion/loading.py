@@ -3,11 +3,14 @@ safetensors file in the original (CompVis) key layout read with a diffusers conf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+from conftrl.diffusion.base import DiffusionBase
+from conftrl.diffusion.sdxl import EXTRA_REQUIRED_FILES, SDXLBase, empty_prompt_is_zeros, is_sdxl_folder
 
 # What a Stable-Diffusion-style diffusers folder must hold: subfolder -> any one of these files.
 REQUIRED_FILES = {
@@ -28,37 +31,6 @@ class ModelFolderError(FileNotFoundError):
     """The model path is missing or is not a loadable diffusers text-to-image folder."""
 
 
-@dataclass
-class DiffusionBase:
-    """The frozen base model: what a training step and a sampler need from a pipeline."""
-
-    path: Path
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: PreTrainedTokenizerBase
-    noise_scheduler: DDPMScheduler
-    config: Path | None = None  # the config folder a single-file `path` was read with
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def pipeline(self, scheduler=None) -> StableDiffusionPipeline:
-        """A plain text-to-image pipeline over these very modules (no copies), sampling with
-        `scheduler` (default: the training noise scheduler)."""
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler or self.noise_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-    def freeze(self) -> None:
-        for model in (self.unet, self.vae, self.text_encoder):
-            model.requires_grad_(False)
-            model.eval()
-
-
 def check_model_folder(path: str | Path, without: tuple[str, ...] = ()) -> Path:
     """Fail early, naming the path and every missing piece (but the subfolders `without`),
     before any loader runs."""
@@ -67,16 +39,22 @@ def check_model_folder(path: str | Path, without: tuple[str, ...] = ()) -> Path:
         raise ModelFolderError(f"model path {str(path)!r} does not exist (set model.path=...)")
     if not path.is_dir():
         raise ModelFolderError(f"model path {str(path)!r} is a file, not a diffusers folder")
-    missing = [
-        f"{sub}/{' or '.join(names)}" if sub != "." else names[0]
-        for sub, names in REQUIRED_FILES.items()
-        if sub not in without and not any((path / sub / name).is_file() for name in names)
-    ]
+    missing = _missing(path, REQUIRED_FILES, without)
+    if not missing and is_sdxl_folder(path):
+        missing = _missing(path, EXTRA_REQUIRED_FILES, without)
     if missing:
         raise ModelFolderError(
             f"{str(path)!r} is not a diffusers text-to-image folder; missing: {', '.join(missing)}"
         )
     return path
+
+
+def _missing(path: Path, required: dict[str, tuple[str, ...]], without: tuple[str, ...]) -> list[str]:
+    return [
+        f"{sub}/{' or '.join(names)}" if sub != "." else names[0]
+        for sub, names in required.items()
+        if sub not in without and not any((path / sub / name).is_file() for name in names)
+    ]
 
 
 def single_file_problems(path: Path, config: str | Path | None) -> list[str]:
@@ -146,23 +124,45 @@ def _load_single_file(path: Path, config: str | Path | None, tokenizer: str | Pa
     return DiffusionBase(path, pipe.unet, pipe.vae, pipe.text_encoder, tokenizer_loaded, scheduler, config)
 
 
+# Each component's subfolder and loader; SDXL's folder adds a second text encoder and tokenizer.
+COMPONENTS = {
+    "unet": UNet2DConditionModel.from_pretrained,
+    "vae": AutoencoderKL.from_pretrained,
+    "text_encoder": CLIPTextModel.from_pretrained,
+    "tokenizer": AutoTokenizer.from_pretrained,
+    "scheduler": DDPMScheduler.from_pretrained,  # the training noise schedule, whatever class the folder names
+}
+SDXL_COMPONENTS = {
+    "text_encoder_2": CLIPTextModelWithProjection.from_pretrained,
+    "tokenizer_2": AutoTokenizer.from_pretrained,
+}
+
+
 def load_base(path: str | Path, config: str | Path | None = None, tokenizer: str | Path | None = None) -> DiffusionBase:
     """Load and freeze UNet, VAE, text encoder, tokenizer and noise scheduler from the diffusers
-    folder `path`, or from the single file `path` with the config folder `config` (and the
+    folder `path` (and an SDXL folder's second text encoder and tokenizer: its UNet config says
+    which it is), or from the single file `path` with the config folder `config` (and the
     tokenizer folder `tokenizer`, where `config` has no vocabulary)."""
     path = Path(path).expanduser()
     if path.is_file():
         base = _load_single_file(path, config, tokenizer)
-    else:
-        path = check_model_folder(path)
-        base = DiffusionBase(
-            path=path,
-            unet=_load("unet", path, UNet2DConditionModel.from_pretrained),
-            vae=_load("vae", path, AutoencoderKL.from_pretrained),
-            text_encoder=_load("text_encoder", path, CLIPTextModel.from_pretrained),
-            tokenizer=_load("tokenizer", path, AutoTokenizer.from_pretrained),
-            noise_scheduler=_load("scheduler", path, DDPMScheduler.from_pretrained),
-        )
+        base.freeze()
+        return base
+    path = check_model_folder(path)
+    sdxl = is_sdxl_folder(path)
+    loaders = {**COMPONENTS, **(SDXL_COMPONENTS if sdxl else {})}
+    components = {name: _load(name, path, loader) for name, loader in loaders.items()}
+    options = {"force_zeros_for_empty_prompt": empty_prompt_is_zeros(path)} if sdxl else {}
+    return assemble_base(path, components, **options)
+
+
+def assemble_base(path: Path | None, components: dict, **options) -> DiffusionBase:
+    """The frozen base made of a pipeline's `components` (by their pipeline names; others are
+    left out): an SDXL base when they hold a second text encoder."""
+    kind = SDXLBase if "text_encoder_2" in components else DiffusionBase
+    names = {field.name for field in fields(kind)}
+    parts = {name: part for name, part in components.items() if name in names}
+    base = kind(path=path, noise_scheduler=components["scheduler"], **parts, **options)
     base.freeze()
     return base
 

@@ -1,11 +1,11 @@
-"""Build a tiny Stable-Diffusion-shaped pipeline from random weights.
+"""Build a tiny Stable-Diffusion-shaped (or SDXL-shaped) pipeline from random weights.
 
 The same architecture as SD 1.5 (AutoencoderKL, CLIP text encoder, UNet2DConditionModel,
 DDPM noise schedule), shrunk so a CPU can train it. Tests build one per session; the
 pretraining command starts the embedded base from it. Nothing is downloaded: the tokenizer
 is trained here on a word list.
 
-    python -m conftrl.diffusion.tiny OUTPUT_DIR [--resolution 64] [--seed 0]
+    python -m conftrl.diffusion.tiny OUTPUT_DIR [--resolution 64] [--seed 0] [--sdxl]
 """
 
 from __future__ import annotations
@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from conftrl.diffusion.sdxl import ADDITION_EMBED_TYPE, SDXL_VAE_SCALING, SIZE_IDS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -77,12 +86,19 @@ def build_tokenizer(words: tuple[str, ...], max_tokens: int) -> CLIPTokenizer:
     return CLIPTokenizer(tokenizer_object=bpe, model_max_length=max_tokens)
 
 
-def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0) -> StableDiffusionPipeline:
-    """Random-weight pipeline; unless `spec.sd_block_order`, cross-attention is kept out of the
-    highest-resolution block and put in the lowest-resolution one instead."""
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(spec.words, spec.max_tokens)
-    text_encoder = CLIPTextModel(
+@dataclass(frozen=True)
+class TinySDXLSpec(TinySpec):
+    """A tiny SDXL-architecture pipeline: two text encoders (each `text_hidden` wide, the second
+    with a projection) whose hidden states the UNet attends to side by side, and the
+    `text_time` embedding of the second's pooled projection and six size ids. As in SDXL, the
+    highest-resolution block has no attention and the lowest has the deepest transformers."""
+
+    size_embed_dim: int = 8  # each size id's sinusoidal embedding (SDXL: 256)
+    deepest_transformer_layers: int = 2  # transformer layers of the lowest-resolution blocks (SDXL: 10)
+
+
+def _text_encoder(spec: TinySpec, tokenizer: CLIPTokenizer, kind=CLIPTextModel):
+    return kind(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=spec.text_hidden,
@@ -96,56 +112,99 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0) -> StableDif
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def _vae(spec: TinySpec, **sdxl) -> AutoencoderKL:
     n_vae = len(spec.vae_channels)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * n_vae,
         up_block_types=("UpDecoderBlock2D",) * n_vae,
         block_out_channels=spec.vae_channels,
         latent_channels=spec.latent_channels,
         norm_num_groups=spec.norm_groups,
         sample_size=spec.resolution,
+        **sdxl,
     )
-    n_unet = len(spec.unet_channels)
-    attention, plain = ("CrossAttnDownBlock2D",) * (n_unet - 1), ("DownBlock2D",)
-    down_blocks = attention + plain if spec.sd_block_order else plain + attention
-    up_blocks = tuple(name.replace("Down", "Up") for name in reversed(down_blocks))
-    unet = UNet2DConditionModel(
-        sample_size=spec.resolution // 2 ** (n_vae - 1),
+
+
+def _unet(spec: TinySpec, down_blocks: tuple[str, ...], cross_attention_dim: int, **sdxl) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=spec.resolution // 2 ** (len(spec.vae_channels) - 1),
         in_channels=spec.latent_channels,
         out_channels=spec.latent_channels,
         down_block_types=down_blocks,
-        up_block_types=up_blocks,
+        up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down_blocks)),
         block_out_channels=spec.unet_channels,
         layers_per_block=spec.layers_per_block,
         norm_num_groups=spec.norm_groups,
-        cross_attention_dim=spec.text_hidden,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=spec.attention_head_dim,
+        **sdxl,
     )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        steps_offset=1,  # DDIM and friends derived from this config need it
-        prediction_type="epsilon",
-    )
+
+
+# SD's noise schedule (SDXL's too); `steps_offset` because DDIM and friends derived from it need it.
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    steps_offset=1, prediction_type="epsilon",
+)
+
+
+def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0) -> StableDiffusionPipeline:
+    """Random-weight pipeline; unless `spec.sd_block_order`, cross-attention is kept out of the
+    highest-resolution block and put in the lowest-resolution one instead."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(spec.words, spec.max_tokens)
+    text_encoder = _text_encoder(spec, tokenizer)
+    vae = _vae(spec)
+    n_unet = len(spec.unet_channels)
+    attention, plain = ("CrossAttnDownBlock2D",) * (n_unet - 1), ("DownBlock2D",)
+    unet = _unet(spec, attention + plain if spec.sd_block_order else plain + attention, spec.text_hidden)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=DDPMScheduler(clip_sample=False, **SD_SCHEDULE),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
+def build_tiny_sdxl_pipeline(spec: TinySDXLSpec = TinySDXLSpec(), seed: int = 0) -> StableDiffusionXLPipeline:
+    """Random-weight SDXL pipeline, saved with SDXL's own scheduler class and VAE scaling."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(spec.words, spec.max_tokens)
+    text_encoder = _text_encoder(spec, tokenizer)
+    text_encoder_2 = _text_encoder(spec, tokenizer, CLIPTextModelWithProjection)
+    n_unet = len(spec.unet_channels)
+    unet = _unet(
+        spec, ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1), 2 * spec.text_hidden,
+        transformer_layers_per_block=(1,) * (n_unet - 1) + (spec.deepest_transformer_layers,),
+        use_linear_projection=True,
+        addition_embed_type=ADDITION_EMBED_TYPE,
+        addition_time_embed_dim=spec.size_embed_dim,
+        projection_class_embeddings_input_dim=SIZE_IDS * spec.size_embed_dim + spec.text_hidden,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(spec, scaling_factor=SDXL_VAE_SCALING),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **SD_SCHEDULE),
+        add_watermarker=False,
+    )
+
+
 def save_tiny_pipeline(directory: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
-    """Build a tiny pipeline and save it as a diffusers folder; returns the folder."""
+    """Build a tiny pipeline (SDXL-shaped for a `TinySDXLSpec`) and save it as a diffusers
+    folder; returns the folder."""
     directory = Path(directory)
-    build_tiny_pipeline(spec, seed).save_pretrained(directory)
+    build = build_tiny_sdxl_pipeline if isinstance(spec, TinySDXLSpec) else build_tiny_pipeline
+    build(spec, seed).save_pretrained(directory)
     return directory
 
 
@@ -154,8 +213,10 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--resolution", type=int, default=TinySpec.resolution)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdxl", action="store_true", help="SDXL's architecture (two text encoders, size conditioning)")
     args = parser.parse_args()
-    path = save_tiny_pipeline(args.output_dir, TinySpec(resolution=args.resolution), args.seed)
+    spec = (TinySDXLSpec if args.sdxl else TinySpec)(resolution=args.resolution)
+    path = save_tiny_pipeline(args.output_dir, spec, args.seed)
     print(f"saved a random tiny pipeline to {path}")
 
 

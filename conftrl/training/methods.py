@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 from annotated_types import Ge, Lt
-from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTextModel
 
 from conftrl.control import CONTROL_PATHS
 from conftrl.diffusion import DiffusionBase
@@ -29,7 +27,7 @@ PAPER_UNET_TARGETS = DEFAULT_TARGET_MODULES["UNet2DConditionModel"]  # attention
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 ControlPathName = Literal[CONTROL_PATHS]
-# A method's trained parts by name ("unet", "text_encoder"): what `save` writes.
+# A method's trained parts by name ("unet", "text_encoder", SDXL's "text_encoder_2"): what `save` writes.
 Adapted = dict[str, nn.Module]
 
 
@@ -59,7 +57,8 @@ class Method:
         and transformers models (full finetuning and the control path alone have nothing to fold)."""
 
     def models(self, base: DiffusionBase) -> dict[str, nn.Module]:
-        return {"unet": base.unet, **({"text_encoder": base.text_encoder} if self.text_encoder else {})}
+        """The parts this method adapts: the UNet, and with `text_encoder` every text encoder."""
+        return {"unet": base.unet, **(base.text_encoders if self.text_encoder else {})}
 
 
 @dataclass
@@ -226,9 +225,8 @@ class FullMethod(Method):
             model.save_pretrained(directory / part)
 
     def load(self, base: DiffusionBase, directory: Path) -> Adapted:
-        classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
         adapted = self.models(base)
         for part, model in adapted.items():
-            trained = classes[part].from_pretrained(directory / part, use_safetensors=True)
+            trained = type(model).from_pretrained(directory / part, use_safetensors=True)
             model.load_state_dict(trained.state_dict())
         return adapted

@@ -19,10 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase
+from conftrl.diffusion.conditioning import SizeConditions
 from conftrl.diffusion.objective import (
     TIMESTEP_SAMPLINGS,
     denoising_loss,
-    encode_prompts,
     sample_timesteps,
     stream_seed,
     training_target,
@@ -61,7 +61,9 @@ class ControlModule(LightningModule):
         self.timestep_sampling = timestep_sampling
         # Not `self.optimizer`/`self.lr_scheduler`: Lightning's strategies use those names.
         self.make_optimizer, self.make_lr_schedule = optimizer, lr_scheduler
-        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        self.unet, self.vae = base.unet, base.vae
+        for name, text_encoder in base.text_encoders.items():  # submodules, so they move with the module
+            self.add_module(name, text_encoder)
         # The control path first: ControlNet copies the UNet's weights before any adapter.
         self.control = build_control_path(method.control_path, base.unet, base.vae_scale_factor)
         # A plain dict, not submodules: these models are registered already (as the base's).
@@ -101,12 +103,12 @@ class ControlModule(LightningModule):
             latents = self.vae.encode(image).latent_dist.sample(generator)
             latents = latents * self.vae.config.scaling_factor
         with torch.set_grad_enabled(self.method.text_encoder and self.training):
-            text = encode_prompts(self.base.tokenizer, self.text_encoder, batch["caption"])
+            conditioning = self.base.condition(batch["caption"], SizeConditions.of(batch))
         scheduler = self.base.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         timesteps = sample_timesteps(scheduler, len(latents), generator, self.device, self.timestep_sampling)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.control.predict(self.unet, noisy, timesteps, text, control)
+        prediction = self.control.predict(self.unet, noisy, timesteps, conditioning, control)
         target = training_target(scheduler, latents, noise, timesteps)
         return denoising_loss(prediction, target, scheduler, timesteps, self.snr_gamma)
 

@@ -26,7 +26,7 @@ def epoch(loader) -> list[dict]:
 
 def test_batch_keys_types_and_ranges():
     batch = next(iter(shapesworld().train_dataloader()))
-    assert set(batch) == {"image", "control", "caption", "key", "depth", "labels", "scene"}
+    assert set(batch) == {"image", "control", "caption", "key", "original_size", "crop_top_left", "depth", "labels", "scene"}
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (8, 3, 48, 48)
     assert -1 <= batch["image"].min() < 0 < batch["image"].max() <= 1
     assert batch["control"].dtype == torch.float32 and batch["control"].shape == (8, 3, 48, 48)

@@ -30,7 +30,7 @@ def test_txt_pairs_give_documented_batches(txt_folder):
     batches = load_all(txt_folder)
     assert keys(batches) == [f"img_{i}.jpg" for i in range(6)]
     batch = batches[0]
-    assert set(batch) == {"image", "control", "caption", "key"}
+    assert set(batch) == {"image", "control", "caption", "key", "original_size", "crop_top_left"}
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert -1 <= batch["image"].min() and batch["image"].max() <= 1
     assert batch["control"].shape == (4, 3, 32, 32) and set(batch["control"].unique().tolist()) <= {0.0, 1.0}
