@@ -27,13 +27,6 @@ class Conditioning:
         """Keyword arguments of a `UNet2DConditionModel` or `ControlNetModel` call."""
         return {"encoder_hidden_states": self.text, **({"added_cond_kwargs": self.added} if self.added else {})}
 
-    def repeat(self, times: int) -> Conditioning:
-        """The same conditioning for a batch `times` as long (e.g. [uncond; cond] halves)."""
-        def repeated(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.repeat(times, *[1] * (tensor.ndim - 1))
-
-        return Conditioning(repeated(self.text), {name: repeated(value) for name, value in self.added.items()})
-
 
 @dataclass(frozen=True)
 class SizeConditions:

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 from datamodules_support import edge_alignment
@@ -72,3 +73,28 @@ def test_map_with_same_aspect_is_resized_and_other_aspect_is_refused():
 def test_invalid_transform_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         PairedTransform(64, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (20, 24)], ids=["landscape", "portrait", "upscaled"])
+@pytest.mark.parametrize("flip_probability", [0.0, 1.0], ids=["kept", "flipped"])
+def test_reported_size_and_crop_are_what_the_transform_did(shape, flip_probability):
+    """The crop found in the resized (and, flipped, mirrored) image is the one reported."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    transform = PairedTransform(32, crop="random", flip_probability=flip_probability)
+    crops = set()
+    for seed in range(6):
+        out = transform({"image": image}, np.random.default_rng(seed))
+        assert out["original_size"] == shape
+        scale = 32 / min(shape)
+        size = (max(32, round(shape[1] * scale)), max(32, round(shape[0] * scale)))
+        resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        frame = resized[:, ::-1] if flip_probability else resized
+        top, left = out["crop_top_left"]
+        np.testing.assert_array_equal(out["image"], frame[top : top + 32, left : left + 32])
+        crops.add((top, left))
+    assert len(crops) > 1  # random crops: the report follows them
+
+
+def test_a_centre_crop_reports_the_centre():
+    out = PairedTransform(32)({"image": np.zeros((32, 80, 3), np.uint8)})
+    assert out["original_size"] == (32, 80) and out["crop_top_left"] == (0, 24)

@@ -9,6 +9,7 @@ from torch import nn
 
 from conftrl.control import ControlEncoder, build_control_path
 from conftrl.diffusion import load_base
+from conftrl.diffusion.conditioning import Conditioning
 from conftrl.diffusion.sampling import sample_images
 
 
@@ -33,7 +34,7 @@ def test_a_fresh_control_path_leaves_the_unet_unchanged_and_learns(tiny_base, ki
     noisy, t, text = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 12, 32)
     control = torch.rand(2, 3, 32, 32)
     plain = base.unet(noisy, t, text).sample
-    controlled = path.predict(base.unet, noisy, t, text, control)
+    controlled = path.predict(base.unet, noisy, t, Conditioning(text), control)
     torch.testing.assert_close(controlled, plain)
     controlled.square().sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in path.parameters())
@@ -52,7 +53,7 @@ def test_features_are_added_for_both_guidance_branches(tiny_base):
     path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
     noisy, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 12, 32)
     control = torch.rand(1, 3, 32, 32)
-    single = path.predict(base.unet, noisy, t, text, control)
+    single = path.predict(base.unet, noisy, t, Conditioning(text), control)
     with path.applied(control):  # a CFG batch [uncond; cond] of one control image
         doubled = base.unet(noisy.repeat(2, 1, 1, 1), t.repeat(2), text.repeat(2, 1, 1)).sample
     torch.testing.assert_close(doubled, single.repeat(2, 1, 1, 1), atol=1e-5, rtol=1e-4)
@@ -68,7 +69,7 @@ def test_guided_encoder_control_enters_only_the_conditional_half(tiny_base):
     with torch.no_grad(), path.applied(control, scale=0.5):
         half = base.unet(noisy, t, text).sample
     with torch.no_grad():
-        full = path.predict(base.unet, noisy, t, text, control)
+        full = path.predict(base.unet, noisy, t, Conditioning(text), control)
     with torch.no_grad(), path.applied(control, scale=0.5, guided=True):  # [uncond; cond]
         guided = base.unet(noisy.repeat(2, 1, 1, 1), t.repeat(2), text.repeat(2, 1, 1)).sample
     torch.testing.assert_close(guided[:1], plain, atol=1e-5, rtol=1e-4)

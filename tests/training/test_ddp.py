@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from support.wandb_files import wandb_records
 
 from conftrl.diffusion import load_base
+from conftrl.diffusion.conditioning import Conditioning
 from conftrl.metrics import layer_energies
 from conftrl.training.adapter import load_adapter
 from conftrl.training.callbacks import EnergyMonitor
@@ -55,8 +56,8 @@ def test_every_method_pickles_for_spawned_workers(make_config, tiny_base, method
     clone = pickle.loads(pickle.dumps(module))
     noisy, t, text, control = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 16, 32), torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        expected = module.control.predict(module.unet, noisy, t, text, control)
-        torch.testing.assert_close(clone.control.predict(clone.unet, noisy, t, text, control), expected)
+        expected = module.control.predict(module.unet, noisy, t, Conditioning(text), control)
+        torch.testing.assert_close(clone.control.predict(clone.unet, noisy, t, Conditioning(text), control), expected)
 
 
 class SeedRecordingModule(ControlModule):
