@@ -29,6 +29,12 @@ def tiny_spec():
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_spec():
+    """The sizes of the training tests' tiny SDXL base."""
+    return training.TEST_SDXL_SPEC
+
+
+@pytest.fixture(scope="session")
 def fast_overrides(tiny_base) -> list[str]:
     """What the training tests pass to every run: the tiny base and a few steps of tiny batches."""
     return [f"model.path={tiny_base}", *training.FAST]

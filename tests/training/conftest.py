@@ -17,12 +17,17 @@ from omegaconf import DictConfig, open_dict
 
 from conftrl.cli.train import train
 from conftrl.config import config_dir, register_resolvers
-from conftrl.diffusion.tiny import TinySpec, save_tiny_pipeline
+from conftrl.diffusion.tiny import TinySDXLSpec, TinySpec, save_tiny_pipeline
 
 # Small enough that a training step takes well under a second on 2 CPU cores.
 TEST_SPEC = TinySpec(
     resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32), norm_groups=8,
     text_hidden=32, text_layers=1, max_tokens=16,  # ShapesWorld's captions fit 16 tokens
+)
+# The same sizes in SDXL's architecture: two text encoders, size conditioning, three down blocks.
+TEST_SDXL_SPEC = TinySDXLSpec(
+    resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32, 32), norm_groups=8,
+    text_hidden=32, text_layers=1, max_tokens=16,
 )
 FAST = [
     "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
@@ -45,6 +50,11 @@ def single_thread():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"), TEST_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), TEST_SDXL_SPEC)
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:

@@ -19,7 +19,6 @@ from conftrl.control import build_control_path
 from conftrl.diffusion import DiffusionBase, ModelFolderError, SDXLBase, load_base
 from conftrl.diffusion.conditioning import SizeConditions
 from conftrl.diffusion.sdxl import SDXL_VAE_SCALING, SizeConditioningError
-from conftrl.diffusion.tiny import TinySDXLSpec, save_tiny_pipeline
 from conftrl.evaluation.demo import Demo
 from conftrl.training.adapter import load_adapter
 from conftrl.training.methods import LoRAMethod, OFTMethod
@@ -27,16 +26,7 @@ from conftrl.training.module import ControlModule
 from datamodules.dataset import ControlDataset, collate
 from datamodules.transforms import PairedTransform
 
-TINY_SDXL = TinySDXLSpec(
-    resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32, 32), norm_groups=8,
-    text_hidden=32, text_layers=1, max_tokens=16,
-)
 PROMPTS = ["a red circle", "two blue squares on a gray background"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), TINY_SDXL)
 
 
 @pytest.fixture(scope="module")
