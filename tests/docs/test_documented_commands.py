@@ -31,7 +31,7 @@ from support.docs_commands import REPO, Command, documented_commands
 from support.original_layout import save_original_checkpoint
 from support.wandb_files import wandb_runs
 
-from conftrl.diffusion.tiny import TinySpec, save_tiny_pipeline
+from conftrl.diffusion.tiny import TinySDXLSpec, TinySpec, save_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +99,14 @@ def stand_ins(tmp_path_factory) -> dict[str, str | list[str]]:
         resolution=64, vae_channels=(8, 8, 8, 8), unet_channels=(16, 16, 32, 32), norm_groups=8, layers_per_block=2,
         text_hidden=32, text_layers=1, max_tokens=16, sd_block_order=True,
     ))
+    sdxl = save_tiny_pipeline(root / "sdxl", TinySDXLSpec(
+        resolution=64, vae_channels=(8, 8, 8, 8), unet_channels=(16, 32, 32), norm_groups=8, text_hidden=32,
+        text_layers=1, max_tokens=16,
+    ))
     single_file = save_original_checkpoint(sd15, root / "sd15.safetensors")
     return {
         "model.path=/models/sd15": f"model.path={sd15}",
+        "model.path=/models/sdxl": f"model.path={sdxl}",
         # The stand-in's widths are not SD 1.5's: its own configs replace the shipped ones.
         "model.path=/models/sd15.safetensors": [f"model.path={single_file}", f"model.config={sd15}"],
         "model.tokenizer=/models/sd15/tokenizer": f"model.tokenizer={sd15 / 'tokenizer'}",
