@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, compose_config
+from diffusers.models.attention import BasicTransformerBlock
 
 from conftrl.cli.evaluate import evaluate
 from conftrl.cli.generate import generate
@@ -20,6 +21,7 @@ from conftrl.diffusion import DiffusionBase, ModelFolderError, SDXLBase, load_ba
 from conftrl.diffusion.conditioning import SizeConditions
 from conftrl.diffusion.sdxl import SDXL_VAE_SCALING, SizeConditioningError
 from conftrl.evaluation.demo import Demo
+from conftrl.oft.layer import OFTLayer
 from conftrl.training.adapter import load_adapter
 from conftrl.training.methods import LoRAMethod, OFTMethod
 from conftrl.training.module import ControlModule
@@ -128,6 +130,19 @@ def test_oft_at_init_leaves_the_sdxl_unet_unchanged(tiny_sdxl, kind):
     actual = module.control.predict(module.unet, noisy, t, adapted.condition(PROMPTS, sizes_for(2)), control)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert module.num_trainable_parameters > 0
+
+
+def test_the_papers_targets_are_every_sdxl_transformer_blocks_attention_and_geglu(tiny_sdxl):
+    base = load_base(tiny_sdxl)
+    OFTMethod(r=4).adapt(base)
+    blocks = [m for m in base.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    # Stacked as SDXL stacks them: 1 and 2 per attention of the down blocks, 2 in the middle, up blocks mirrored.
+    assert len(blocks) == 11
+    for block in blocks:
+        layers = [block.attn1.to_q, block.attn1.to_k, block.attn1.to_v, block.attn1.to_out[0],
+                  block.attn2.to_q, block.attn2.to_k, block.attn2.to_v, block.attn2.to_out[0], block.ff.net[0].proj]
+        assert all(isinstance(layer, OFTLayer) for layer in layers)
+    assert sum(isinstance(m, OFTLayer) for m in base.unet.modules()) == 9 * len(blocks)
 
 
 def test_the_control_encoder_fits_sdxls_three_down_blocks(base):
