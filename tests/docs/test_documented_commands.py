@@ -43,7 +43,7 @@ NOT_RUN = {
     "make install": "installs into the repository's .venv, which CI's `make test` does first",
     "wandb sync": "uploads to W&B's servers: needs a network and an account",
     "python benchmarks/table2.py": "hours of training; tests/benchmarks/test_table2.py runs it on a tiny budget",
-    "python benchmarks/train_step.py": "builds SD-1.5-sized models; tests/benchmarks/test_train_step.py runs it on tiny ones",
+    "python benchmarks/train_step.py": "builds SD-1.5- and SDXL-sized models; tests/benchmarks/test_train_step.py runs it on tiny ones",
     "python benchmarks/recompute.py": "builds SD-1.5-sized models; tests/benchmarks/test_recompute.py runs it on tiny ones",
     "torchrun": "starts a process per GPU on several machines; tests/training/test_multinode.py runs two torchrun nodes here",
     "sbatch": "needs a SLURM cluster; the batch file runs `conftrl.train trainer=ddp` as test_multinode.py does",
