@@ -16,9 +16,10 @@ is downloaded. Methods (all but `controlnet` use the paper's control encoder on 
 * full — every UNet weight trains.
 
 UNets (`--models`): `tiny` (the embedded base's `TinySpec`, the default experiment's batch 64
-at 64 px), `sd100m` (a 115 M-parameter SD-shaped UNet, blocks 192/384/768, batch 2 at 256 px)
-and `sd15` (SD 1.5's UNet, VAE and CLIP text encoder, batch 16 at 512 px, gradient
-checkpointing as `model=sd15` trains; for a GPU). The time is the median of `--repeats` steps
+at 64 px), `sd100m` (a 115 M-parameter SD-shaped UNet, blocks 192/384/768, batch 2 at 256 px),
+`sd15` (SD 1.5's UNet, VAE and CLIP text encoder, batch 16 at 512 px, gradient
+checkpointing as `model=sd15` trains; for a GPU) and `sdxl` (SDXL's UNet, VAE and both text
+encoders with its size conditioning, batch 4 at 1024 px, gradient checkpointing; for a GPU). The time is the median of `--repeats` steps
 after `--warmup` steps; each method runs in a fresh process so its peak memory is its own, and
 `--rounds N` runs the method list N times over and pools each method's steps. One further step
 runs under torch's FlopCounterMode: the work each method does, which no noisy neighbour on a
@@ -26,7 +27,7 @@ shared machine changes, against the floor's.
 JSON and Markdown are rewritten after every method, so a run cut short keeps what it measured.
 
     python benchmarks/train_step.py [--models tiny sd100m] [--methods floor oft ...] \\
-        [--device cpu|cuda] [--precision fp32|bf16] [--batch N] [--resolution PX] \\
+        [--device cpu|cuda] [--precision fp32|bf16] [--batch N] [--resolution PX] [--text-encoder-layers N] \\
         [--repeats 5] [--warmup 2] [--rounds 1] [--threads N] [--out outputs/benchmarks/train_step.json]
 """
 
@@ -52,15 +53,18 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftrl.diffusion import DiffusionBase
-from conftrl.diffusion.tiny import TinySpec, build_tiny_pipeline
+from conftrl.diffusion import DiffusionBase, assemble_base
+from conftrl.diffusion.sdxl import SDXL_VAE_SCALING
+from conftrl.diffusion.tiny import TinySDXLSpec, TinySpec, build_tiny_pipeline, build_tiny_sdxl_pipeline
 from conftrl.training.methods import (
     PAPER_UNET_TARGETS, Adapted, ControlNetMethod, ControlOnlyMethod, FullMethod, LoRAMethod, Method, OFTMethod,
 )
 from conftrl.training.module import ControlModule
 
 from measure import PeakMemory, device_name, in_fresh_process, markdown_table, round_robin, synchronize
-from sd_models import SD100M_UNET, SD_TOKENS, SD_VAE_CHANNELS, sd_text_encoder, sd_unet, sd_vae
+from sd_models import (
+    SD100M_UNET, SD_TOKENS, SD_VAE_CHANNELS, SDXL_UNET, sd_text_encoder, sd_unet, sd_vae, sdxl_text_encoder_2,
+)
 
 CAPTION = "a red circle left of a blue square"
 
@@ -76,6 +80,10 @@ class Workload:
     spec: Optional[TinySpec] = None  # a tiny base; None: SD-shaped (VAE, CLIP text encoder, `unet`)
     unet: dict = field(default_factory=dict)  # UNet2DConditionModel arguments; {} is SD 1.5's UNet
     vae_width_divisor: int = 1  # SD's VAE channels divided by this
+    sdxl: bool = False  # SDXL's second text encoder and size conditioning (a tiny one for a TinySDXLSpec)
+    # Fewer layers in each text encoder (None: their own). The widths the UNet sees stay, the
+    # frozen encoders' share of a step is small, and SDXL's 3.3 GB of them then fit a CPU machine.
+    text_encoder_layers: Optional[int] = None
 
 
 WORKLOADS = {
@@ -85,6 +93,8 @@ WORKLOADS = {
     # step on a CPU core, and the benchmark compares UNet adapters.
     "sd100m": Workload("sd100m", batch=2, resolution=256, unet=SD100M_UNET, vae_width_divisor=4),
     "sd15": Workload("sd15", batch=16, resolution=512, gradient_checkpointing=True),
+    # SDXL's UNet, VAE and both text encoders at its native 1024 px, as `model=sdxl` trains (for a GPU).
+    "sdxl": Workload("sdxl", batch=4, resolution=1024, gradient_checkpointing=True, unet=SDXL_UNET, sdxl=True),
 }
 
 
@@ -110,29 +120,34 @@ ACCELERATORS = {"cpu": "cpu", "cuda": "gpu"}
 def random_base(workload: Workload) -> DiffusionBase:
     """The workload's architecture with random weights, frozen as `load_base` leaves a base.
 
-    An SD-shaped base takes the tiny pipeline's tokenizer (at 77 tokens) and noise schedule,
-    which are SD's; their cost does not depend on the vocabulary."""
-    parts = build_tiny_pipeline(workload.spec or TinySpec(max_tokens=SD_TOKENS)).components
+    An SD- or SDXL-shaped base takes the tiny pipeline's tokenizer (at 77 tokens) and noise
+    schedule, which are SD's; their cost does not depend on the vocabulary."""
+    if workload.sdxl:
+        parts = build_tiny_sdxl_pipeline(workload.spec or TinySDXLSpec(max_tokens=SD_TOKENS)).components
+    else:
+        parts = build_tiny_pipeline(workload.spec or TinySpec(max_tokens=SD_TOKENS)).components
     if workload.spec is None:
         parts["unet"] = sd_unet(workload.resolution // 2 ** (len(SD_VAE_CHANNELS) - 1), **workload.unet)
-        parts["vae"] = sd_vae(workload.vae_width_divisor, workload.resolution)
-        parts["text_encoder"] = sd_text_encoder(parts["tokenizer"])
-    base = DiffusionBase(
-        path=Path(f"random-{workload.name}"), unet=parts["unet"], vae=parts["vae"],
-        text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], noise_scheduler=parts["scheduler"],
-    )
-    base.freeze()
-    return base
+        sdxl_vae = {"scaling_factor": SDXL_VAE_SCALING} if workload.sdxl else {}
+        parts["vae"] = sd_vae(workload.vae_width_divisor, workload.resolution, **sdxl_vae)
+        depth = {"layers": workload.text_encoder_layers} if workload.text_encoder_layers else {}
+        parts["text_encoder"] = sd_text_encoder(parts["tokenizer"], **depth)
+        if workload.sdxl:
+            parts["text_encoder_2"] = sdxl_text_encoder_2(parts["tokenizer"], **depth)
+    return assemble_base(Path(f"random-{workload.name}"), parts)
 
 
 def random_batch(workload: Workload) -> dict:
-    """What the datamodule yields: images in [-1, 1], binary (edge-like) controls in [0, 1], captions."""
+    """What the datamodule yields: images in [-1, 1], binary (edge-like) controls in [0, 1],
+    captions, and each image's size and crop (uncropped images of the training size)."""
     generator = torch.Generator().manual_seed(0)
     shape = (workload.batch, 3, workload.resolution, workload.resolution)
     return {
         "image": torch.rand(shape, generator=generator) * 2 - 1,
         "control": torch.rand(shape, generator=generator).round(),
         "caption": [CAPTION] * workload.batch,
+        "original_size": torch.tensor([[workload.resolution] * 2] * workload.batch),
+        "crop_top_left": torch.zeros(workload.batch, 2, dtype=torch.long),
     }
 
 
@@ -336,7 +351,8 @@ def workload_markdown(entry: dict) -> list[str]:
     unet = next(iter(measured.values()), {}).get("unet_parameters", 0)
     lines = [
         f"### {entry['name']}: UNet {unet / 1e6:.1f} M parameters, batch {entry['batch']} at {entry['resolution']} px, "
-        f"gradient checkpointing {'on' if entry['gradient_checkpointing'] else 'off'}",
+        f"gradient checkpointing {'on' if entry['gradient_checkpointing'] else 'off'}"
+        + (f", text encoders cut to {entry['text_encoder_layers']} layers" if entry.get("text_encoder_layers") else ""),
         "",
     ]
     if {"oft", "peft_lora"} <= measured.keys():
@@ -398,6 +414,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     parser.add_argument("--batch", type=int, help="batch size (default: the model's)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    parser.add_argument("--text-encoder-layers", type=int, help="layers of each text encoder (default: their own)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         help="default: as the model trains (on for sd15 only)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -412,7 +429,8 @@ def parse_args() -> argparse.Namespace:
 def configured(workload: Workload, args: argparse.Namespace) -> Workload:
     """`workload` with the sizes given on the command line."""
     overrides = {
-        "batch": args.batch, "resolution": args.resolution, "gradient_checkpointing": args.gradient_checkpointing
+        "batch": args.batch, "resolution": args.resolution, "gradient_checkpointing": args.gradient_checkpointing,
+        "text_encoder_layers": args.text_encoder_layers,
     }
     return dataclasses.replace(workload, **{k: v for k, v in overrides.items() if v is not None})
 

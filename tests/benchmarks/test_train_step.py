@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from sd_models import sdxl_text_encoder_2
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +98,24 @@ def test_rounds_alternate_the_methods_and_pool_their_steps(train_step, monkeypat
     assert oft["ratio_to_floor"] == 2.03 / 1.04 and oft["flops_ratio_to_floor"] == 1.1
     assert train_step.rounds_text(1) == "" and "each of 3 rounds" in train_step.rounds_text(3)
 
+
+def test_an_sdxl_workload_steps_through_its_size_conditioning(train_step, tiny_sdxl_spec):
+    threads = torch.get_num_threads()
+    workload = train_step.Workload("test-sdxl", batch=2, resolution=tiny_sdxl_spec.resolution, spec=tiny_sdxl_spec, sdxl=True)
+    settings = train_step.Settings(repeats=1, warmup=0, threads=1)
+    *_, (_, entry) = train_step.benchmark(workload, ["floor", "coft", "controlnet"], settings, isolated=False)
+    torch.set_num_threads(threads)
+    results = by_method(entry)
+    assert all(r["median_s"] > 0 and r["flops"] > 0 for r in results.values())
+    assert results["coft"]["trainable_unet_parameters"] > 0 == results["floor"]["trainable_unet_parameters"]
+
+
+def test_the_sdxl_workload_is_sdxls_architecture(train_step):
+    """Built weightless: SDXL's UNet (2.57 B parameters) and second text encoder (OpenCLIP bigG, 0.69 B)."""
+    tokenizer = SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**train_step.WORKLOADS["sdxl"].unet)
+        text_encoder_2 = sdxl_text_encoder_2(tokenizer)
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert abs(count(unet) / 2_567_463_684 - 1) < 1e-3
+    assert abs(count(text_encoder_2) / 694_659_840 - 1) < 1e-2
