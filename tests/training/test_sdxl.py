@@ -164,9 +164,8 @@ def test_the_control_encoder_fits_sdxls_three_down_blocks(base):
 
 def test_text_encoder_adaptation_reaches_both_encoders(tiny_sdxl):
     base = load_base(tiny_sdxl)
-    method = OFTMethod(r=4, text_encoder=True)
-    method.adapt(base)
-    assert set(method.wrappers) == {"unet", "text_encoder", "text_encoder_2"}
+    adapted = OFTMethod(r=4, text_encoder=True).adapt(base)
+    assert set(adapted) == {"unet", "text_encoder", "text_encoder_2"}
     assert any(p.requires_grad for p in base.text_encoder_2.parameters())
     check_method_fits(LoRAMethod(text_encoder=True), str(tiny_sdxl))
     with pytest.raises(ConfigError, match="method"):
