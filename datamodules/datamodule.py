@@ -6,21 +6,28 @@ Both take the annotator object (from ``conf/annotator``) and the common settings
 
 from __future__ import annotations
 
+import logging
 import warnings
+from pathlib import Path
 from typing import Annotated, Literal
 
 import lightning as L
 import torch
 from annotated_types import Ge, Interval
+from datasets.distributed import split_dataset_by_node
 from pydantic import DirectoryPath
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, collate, seed_worker
-from datamodules.errors import EmptySplitError
-from datamodules.folders import FORMATS, FolderSource, index_folder, split_records
+from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, SampleBuilder, collate, seed_worker
+from datamodules import hf
+from datamodules.errors import BadSampleError, EmptySplitError
+from datamodules.folders import FORMATS, FolderSource, index_folder
 from datamodules.shapesworld import ShapesWorld, WorldSpec
+from datamodules.splits import bands, position, split_records
 from datamodules.transforms import CROPS, PairedTransform
+
+log = logging.getLogger(__name__)
 
 _STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -71,7 +78,7 @@ class ControlDataModule(L.LightningDataModule):
         self.proportion_empty_prompts, self.on_bad_sample = proportion_empty_prompts, on_bad_sample
         self.train_transform = PairedTransform(resolution, crop, flip_probability)
         self.eval_transform = PairedTransform(resolution, "center")
-        self.datasets: dict[str, ControlDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     def make_source(self, split: str):
         """The samples of `split` ("train", "val" or "test") as a sequence of dicts."""
@@ -81,31 +88,39 @@ class ControlDataModule(L.LightningDataModule):
         """The settings that sized the splits, for messages."""
         return ""
 
+    def sample_builder(self, split: str) -> SampleBuilder:
+        """The pipeline of `split`: augmentation and caption dropout in training only."""
+        train = split == "train"
+        return SampleBuilder(
+            self.annotator,
+            self.train_transform if train else self.eval_transform,
+            seed=self.seed,
+            train=train,
+            proportion_empty_prompts=self.proportion_empty_prompts,
+        )
+
+    def make_dataset(self, split: str, required: bool) -> Dataset:
+        """The dataset of `split`; a `required` one must hold samples."""
+        source = self.make_source(split)
+        if len(source) == 0 and required:
+            raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+        return ControlDataset(source, self.sample_builder(split), self.on_bad_sample)
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of `stage`. Its own split (train to fit, val to validate, test to
         test) must hold samples; fit's validation split is empty only when configured so."""
         for split in _STAGE_SPLITS[stage]:
-            if split in self.datasets:
-                continue
-            train = split == "train"
-            source = self.make_source(split)
-            if len(source) == 0 and stage is not None and split == _STAGE_SPLITS[stage][0]:
-                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
-            self.datasets[split] = ControlDataset(
-                source,
-                self.annotator,
-                self.train_transform if train else self.eval_transform,
-                seed=self.seed,
-                train=train,
-                proportion_empty_prompts=self.proportion_empty_prompts,
-                on_bad_sample=self.on_bad_sample,
-            )
+            if split not in self.datasets:
+                required = stage is not None and split == _STAGE_SPLITS[stage][0]
+                self.datasets[split] = self.make_dataset(split, required)
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> DataLoader:
         """Resumable: Lightning checkpoints how many batches of the epoch this process has
         taken and, resumed mid-epoch, the loader skips exactly those (each rank its own share,
-        under DDP) instead of starting the epoch over."""
+        under DDP) instead of starting the epoch over. A stream starts over."""
         dataset = self.datasets["train"]
+        if isinstance(dataset, IterableDataset):  # a stream shuffles itself; resumed, it starts over
+            return self._loader(dataset)
         return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, shuffle=True), stateful=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -114,7 +129,7 @@ class ControlDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["test"])
 
-    def _loader(self, dataset: ControlDataset, sampler=None, stateful: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler=None, stateful: bool = False) -> DataLoader:
         return (StatefulDataLoader if stateful else DataLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -207,3 +222,158 @@ class FolderDataModule(ControlDataModule):
             )
             self._splits = split_records(records, self.val_fraction, self.test_fraction)
         return FolderSource(self._splits[split], self.annotator.source_map)
+
+
+class HFDataModule(ControlDataModule):
+    """A Hugging Face `datasets` dataset (`datamodules.hf`), named as diffusers' ControlNet
+    training script names it: `dataset_name` (a hub name or a local dataset) or
+    `train_data_dir` (a local folder), and the image, conditioning image and caption columns.
+
+    The control comes from `conditioning_image_column` when the annotator reads a given
+    control image (``annotator=precomputed``); any other annotator computes it from the image.
+    Validation and test use the dataset's own ``validation`` and ``test`` splits; where it has
+    none, `val_fraction` / `test_fraction` of the train split, chosen by a hash of each image.
+
+    Args:
+        streaming: read rows as they are needed instead of preparing the dataset on disk
+            first (for sets larger than memory or disk); each DDP rank reads its own rows
+            (`datasets.distributed.split_dataset_by_node`, with the trainer's rank and world
+            size); training rows are shuffled in a buffer of `shuffle_buffer_size`.
+        cache_dir: where `datasets` keeps what it prepares (its default when None).
+    """
+
+    def __init__(
+        self,
+        annotator,
+        dataset_name: str | None = None,
+        train_data_dir: str | None = None,
+        dataset_config_name: str | None = None,
+        image_column: str = "image",
+        conditioning_image_column: str | None = "conditioning_image",
+        caption_column: str = "text",
+        streaming: bool = False,
+        shuffle_buffer_size: Count = 1000,
+        val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.05,
+        test_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.0,
+        cache_dir: str | None = None,
+        **common,
+    ):
+        super().__init__(annotator, **common)
+        if (dataset_name is None) == (train_data_dir is None):
+            raise ValueError(
+                "set one of data.dataset_name (a hub name or a local dataset) and data.train_data_dir (a local "
+                f"folder), got dataset_name={dataset_name!r}, train_data_dir={train_data_dir!r}"
+            )
+        if annotator.source_map in ("depth", "labels") and not annotator.estimates:
+            raise ValueError(
+                f"data=hf supplies images and control images, not {annotator.source_map} maps, so "
+                f"{type(annotator).__name__} needs an estimator (e.g. annotator=depth_dnn)"
+            )
+        self.location, self.local_only = train_data_dir or dataset_name, train_data_dir is not None
+        self.dataset_config_name, self.cache_dir = dataset_config_name, cache_dir
+        reads_control = annotator.source_map == "control"
+        self.columns = hf.Columns(image_column, caption_column, conditioning_image_column if reads_control else None)
+        if reads_control and conditioning_image_column is None:
+            raise ValueError(f"{type(annotator).__name__} reads the control from data.conditioning_image_column; set it")
+        self.streaming, self.shuffle_buffer_size = streaming, shuffle_buffer_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self._splits: dict | None = None
+        self._folder: Path | None = None
+
+    def split_settings(self) -> str:
+        return f" in {self.location} (val_fraction={self.val_fraction}, test_fraction={self.test_fraction})"
+
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) as the trainer runs this process; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _load(self) -> dict:
+        """Our train/val/test parts: each the dataset's split (undecoded) and a row filter, or None."""
+        if self._splits is None:
+            loaded, self._folder = hf.load_splits(
+                self.location, self.local_only, self.dataset_config_name, self.streaming, self.cache_dir
+            )
+            train = hf.own_split(loaded, "train")
+            if train is None:
+                raise ValueError(f"{self.location}: no train split among its splits {sorted(loaded)}")
+            parts = {name: hf.own_split(loaded, name) for name in ("train", "val", "test")}
+            for name, dataset in parts.items():
+                if dataset is not None:
+                    self.columns.check(dataset, f"{self.location} ({name} split)")
+                    parts[name] = self.columns.undecoded(dataset)
+            # Splits the dataset lacks are carved out of train by the hash of each image.
+            fractions = {name: 0.0 if parts[name] is not None else share
+                         for name, share in (("val", self.val_fraction), ("test", self.test_fraction))}
+            self._splits = self._carve(parts, fractions["val"], fractions["test"])
+        return self._splits
+
+    def _carve(self, parts: dict, val_fraction: float, test_fraction: float) -> dict:
+        own_names = {"train": "train", "val": "validation", "test": "test"}
+        train = parts["train"]
+        if self.streaming:
+            carved = {}
+            for name, (low, high) in bands(val_fraction, test_fraction).items():
+                if parts[name] is not None and name != "train":
+                    carved[name] = (parts[name], own_names[name])
+                elif high > low:
+                    image = self.columns.image
+                    in_band = lambda row, low=low, high=high: low <= position(hf.image_identity(row[image])) < high  # noqa: E731
+                    carved[name] = (train.filter(in_band), "train")
+                else:
+                    carved[name] = None
+            return carved
+        rows = self._rows_with_captions(train, "train")
+        if val_fraction or test_fraction:
+            identities = self._image_identities(train)
+            rows = split_records(rows, val_fraction, test_fraction, identity=identities.__getitem__)
+        else:
+            rows = {"train": rows, "val": [], "test": []}
+        carved = {}
+        for name in ("train", "val", "test"):
+            if parts[name] is not None and name != "train":
+                carved[name] = (parts[name], self._rows_with_captions(parts[name], own_names[name]), own_names[name])
+            else:
+                carved[name] = (train, rows[name], "train")
+        return carved
+
+    def _rows_with_captions(self, dataset, split: str) -> list[int]:
+        """The rows of a split whose caption is usable; the others raise or are skipped (and counted) here."""
+        good = []
+        for row, caption in enumerate(dataset[self.columns.caption]):
+            if problem := hf.caption_problem(caption):
+                err = BadSampleError(f"{self.location}: {split} row {row}", problem)
+                if self.on_bad_sample == "error":
+                    raise err
+                log.warning("skipping bad sample %s", err)
+            else:
+                good.append(row)
+        if skipped := len(dataset) - len(good):
+            log.warning("skipped %d of %d rows of the %s split of %s", skipped, len(dataset), split, self.location)
+        return good
+
+    def _image_identities(self, dataset) -> list:
+        images = dataset.select_columns([self.columns.image])
+        return [hf.image_identity(batch_cell) for batch in images.iter(batch_size=256) for batch_cell in batch[self.columns.image]]
+
+    def make_dataset(self, split: str, required: bool) -> Dataset:
+        part = self._load()[split]
+        decode = hf.RowDecoder(self.columns, self._folder, self.location)
+        if not self.streaming:
+            dataset, rows, name = part
+            if not rows and required:
+                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+            return ControlDataset(hf.RowSource(dataset, rows, decode, name), self.sample_builder(split), self.on_bad_sample)
+        if part is None:
+            if required:
+                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+            return ControlDataset([], self.sample_builder(split))
+        stream, name = part
+        name = f"{name}-stream"
+        if split == "train":
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
+        rank, world_size = self._rank()
+        if world_size > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+            name = f"{name}@rank{rank}"
+        return hf.RowStream(stream, decode, self.sample_builder(split), self.on_bad_sample, name, endless=split == "train")

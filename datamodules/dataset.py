@@ -97,21 +97,8 @@ class ControlDataset(Dataset):
     built by `SampleBuilder` with the random key ``(epoch, index)``.
     """
 
-    def __init__(
-        self,
-        source,
-        annotator,
-        transform,
-        *,
-        seed: int = 0,
-        train: bool = False,
-        proportion_empty_prompts: float = 0.0,
-        on_bad_sample: str = "error",
-    ):
-        self.source = source
-        self.build = SampleBuilder(
-            annotator, transform, seed=seed, train=train, proportion_empty_prompts=proportion_empty_prompts
-        )
+    def __init__(self, source, build: SampleBuilder, on_bad_sample: str = "error"):
+        self.source, self.build = source, build
         self.bad_samples = BadSampleCounter(on_bad_sample)
 
     def __len__(self) -> int:
