@@ -39,27 +39,3 @@ def edge_alignment(edges: np.ndarray, labels: np.ndarray, tolerance: float = 2.0
     recall = (to_edge[boundary] <= tolerance).mean()
     return float(precision), float(recall)
 
-
-# Photographs that scikit-image ships (no download), of several sizes and aspect ratios.
-PHOTOS = {
-    "astronaut": "an astronaut in a white space suit",
-    "coffee": "a cup of coffee on a saucer",
-    "chelsea": "a tabby cat",
-    "rocket": "a rocket on its launch pad",
-    "camera": "a man with a camera on a tripod",
-}
-
-
-def real_photos() -> dict[str, np.ndarray]:
-    """name → uint8 photograph (the gray one as H×W, as it ships)."""
-    import skimage.data
-
-    return {name: getattr(skimage.data, name)() for name in PHOTOS}
-
-
-def write_photo_folder(root: Path) -> Path:
-    """The real photos as JPEGs with a caption file each (the `txt` folder layout)."""
-    for name, photo in real_photos().items():
-        write_rgb(root / f"{name}.jpg", photo)
-        (root / f"{name}.txt").write_text(PHOTOS[name] + "\n")
-    return root

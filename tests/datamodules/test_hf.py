@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -13,22 +12,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import IterableDataset
 from datamodules_support import make_photo, write_rgb
-from PIL import Image
+from support.data_sets import FEATURES, png_cell
+from torch.utils.data import IterableDataset
 
 from datamodules import BadSampleError, HFDataModule
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl
-
-FEATURES = datasets.Features(
-    image=datasets.Image(), conditioning_image=datasets.Image(), text=datasets.Value("string")
-)
-
-
-def png(image: np.ndarray) -> dict:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
 
 
 def inverted(image: np.ndarray) -> np.ndarray:
@@ -39,8 +28,8 @@ def inverted(image: np.ndarray) -> np.ndarray:
 def rows(count: int, start: int = 0) -> dict:
     photos = [make_photo(48 + 8 * (i % 3), 64, seed=i) for i in range(start, start + count)]
     return {
-        "image": [png(p) for p in photos],
-        "conditioning_image": [png(inverted(p)) for p in photos],
+        "image": [png_cell(p) for p in photos],
+        "conditioning_image": [png_cell(inverted(p)) for p in photos],
         "text": [f"photo {i}" for i in range(start, start + count)],
     }
 
