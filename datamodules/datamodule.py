@@ -24,7 +24,7 @@ from datamodules import hf
 from datamodules.errors import BadSampleError, EmptySplitError
 from datamodules.folders import FORMATS, FolderSource, index_folder
 from datamodules.shapesworld import ShapesWorld, WorldSpec
-from datamodules.splits import bands, position, split_records
+from datamodules.splits import bands, split_records
 from datamodules.transforms import CROPS, PairedTransform
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class HFDataModule(ControlDataModule):
             raise ValueError(f"{type(annotator).__name__} reads the control from data.conditioning_image_column; set it")
         self.streaming, self.shuffle_buffer_size = streaming, shuffle_buffer_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self._splits: dict | None = None
+        self._loaded: dict | None = None
         self._folder: Path | None = None
 
     def split_settings(self) -> str:
@@ -288,88 +288,78 @@ class HFDataModule(ControlDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _load(self) -> dict:
-        """Our train/val/test parts: each the dataset's split (undecoded) and a row filter, or None."""
-        if self._splits is None:
+    def _parts(self) -> dict[str, hf.Part | None]:
+        """Where each of our splits comes from: the set's own split, or rows of its train split."""
+        if self._loaded is None:
             loaded, self._folder = hf.load_splits(
                 self.location, self.local_only, self.dataset_config_name, self.streaming, self.cache_dir
             )
-            train = hf.own_split(loaded, "train")
-            if train is None:
+            own = {ours: hf.own_split(loaded, ours) for ours in ("train", "val", "test")}
+            if own["train"] is None:
                 raise ValueError(f"{self.location}: no train split among its splits {sorted(loaded)}")
-            parts = {name: hf.own_split(loaded, name) for name in ("train", "val", "test")}
-            for name, dataset in parts.items():
-                if dataset is not None:
+            for ours, found in own.items():
+                if found is not None:
+                    name, dataset = found
                     self.columns.check(dataset, f"{self.location} ({name} split)")
-                    parts[name] = self.columns.undecoded(dataset)
-            # Splits the dataset lacks are carved out of train by the hash of each image.
-            fractions = {name: 0.0 if parts[name] is not None else share
-                         for name, share in (("val", self.val_fraction), ("test", self.test_fraction))}
-            self._splits = self._carve(parts, fractions["val"], fractions["test"])
-        return self._splits
+                    own[ours] = hf.Part(self.columns.undecoded(dataset), name)
+            val_fraction = 0.0 if own["val"] else self.val_fraction
+            test_fraction = 0.0 if own["test"] else self.test_fraction
+            carve = self._streamed_parts if self.streaming else self._indexed_parts
+            self._loaded = carve(own, val_fraction, test_fraction)
+        return self._loaded
 
-    def _carve(self, parts: dict, val_fraction: float, test_fraction: float) -> dict:
-        own_names = {"train": "train", "val": "validation", "test": "test"}
-        train = parts["train"]
-        if self.streaming:
-            carved = {}
-            for name, (low, high) in bands(val_fraction, test_fraction).items():
-                if parts[name] is not None and name != "train":
-                    carved[name] = (parts[name], own_names[name])
-                elif high > low:
-                    image = self.columns.image
-                    in_band = lambda row, low=low, high=high: low <= position(hf.image_identity(row[image])) < high  # noqa: E731
-                    carved[name] = (train.filter(in_band), "train")
-                else:
-                    carved[name] = None
-            return carved
-        rows = self._rows_with_captions(train, "train")
-        if val_fraction or test_fraction:
-            identities = self._image_identities(train)
-            rows = split_records(rows, val_fraction, test_fraction, identity=identities.__getitem__)
-        else:
-            rows = {"train": rows, "val": [], "test": []}
-        carved = {}
-        for name in ("train", "val", "test"):
-            if parts[name] is not None and name != "train":
-                carved[name] = (parts[name], self._rows_with_captions(parts[name], own_names[name]), own_names[name])
+    def _streamed_parts(self, own: dict, val_fraction: float, test_fraction: float) -> dict:
+        """A split the set lacks: the train rows whose image hashes into its band (`splits.bands`)."""
+        parts = {}
+        for split, (low, high) in bands(val_fraction, test_fraction).items():
+            if split != "train" and own[split] is not None:
+                parts[split] = own[split]
+            elif high > low:
+                train = own["train"]
+                parts[split] = hf.Part(train.dataset.filter(hf.in_band(self.columns.image, low, high)), train.name)
             else:
-                carved[name] = (train, rows[name], "train")
-        return carved
+                parts[split] = None
+        return parts
 
-    def _rows_with_captions(self, dataset, split: str) -> list[int]:
-        """The rows of a split whose caption is usable; the others raise or are skipped (and counted) here."""
+    def _indexed_parts(self, own: dict, val_fraction: float, test_fraction: float) -> dict:
+        """Rows with a usable caption; a split the set lacks takes train rows by `split_records`."""
+        train = own["train"]
+        rows = self._captioned_rows(train)
+        carved = {"train": rows, "val": [], "test": []}
+        if val_fraction or test_fraction:  # identities cost a pass over the images
+            identities = hf.image_identities(train.dataset, self.columns.image)
+            carved = split_records(rows, val_fraction, test_fraction, identity=identities.__getitem__)
+        return {
+            split: hf.Part(own[split].dataset, own[split].name, self._captioned_rows(own[split]))
+            if split != "train" and own[split] is not None else hf.Part(train.dataset, train.name, carved[split])
+            for split in ("train", "val", "test")
+        }
+
+    def _captioned_rows(self, part: hf.Part) -> list[int]:
+        """The rows whose caption is usable; the others raise, or are skipped and counted, now."""
         good = []
-        for row, caption in enumerate(dataset[self.columns.caption]):
+        for row, caption in enumerate(part.dataset[self.columns.caption]):
             if problem := hf.caption_problem(caption):
-                err = BadSampleError(f"{self.location}: {split} row {row}", problem)
+                err = BadSampleError(f"{self.location}: {part.name} row {row}", problem)
                 if self.on_bad_sample == "error":
                     raise err
                 log.warning("skipping bad sample %s", err)
             else:
                 good.append(row)
-        if skipped := len(dataset) - len(good):
-            log.warning("skipped %d of %d rows of the %s split of %s", skipped, len(dataset), split, self.location)
+        if skipped := len(part.dataset) - len(good):
+            log.warning("skipped %d of %d rows of the %s split of %s", skipped, len(part.dataset), part.name, self.location)
         return good
 
-    def _image_identities(self, dataset) -> list:
-        images = dataset.select_columns([self.columns.image])
-        return [hf.image_identity(batch_cell) for batch in images.iter(batch_size=256) for batch_cell in batch[self.columns.image]]
-
     def make_dataset(self, split: str, required: bool) -> Dataset:
-        part = self._load()[split]
-        decode = hf.RowDecoder(self.columns, self._folder, self.location)
-        if not self.streaming:
-            dataset, rows, name = part
-            if not rows and required:
-                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
-            return ControlDataset(hf.RowSource(dataset, rows, decode, name), self.sample_builder(split), self.on_bad_sample)
-        if part is None:
+        part = self._parts()[split]
+        if part is None or part.rows == []:
             if required:
                 raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
             return ControlDataset([], self.sample_builder(split))
-        stream, name = part
-        name = f"{name}-stream"
+        decode = hf.RowDecoder(self.columns, self._folder, self.location)
+        if part.rows is not None:
+            return ControlDataset(hf.RowSource(part, decode), self.sample_builder(split), self.on_bad_sample)
+        stream, name = part.dataset, f"{part.name}-stream"
         if split == "train":
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
         rank, world_size = self._rank()

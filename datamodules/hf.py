@@ -30,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from datamodules.dataset import BadSampleCounter, SampleBuilder
 from datamodules.decode import read_rgb
 from datamodules.errors import BadSampleError, EmptySplitError
+from datamodules.splits import position
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,19 @@ def _load_local(folder: Path, config_name: str | None, streaming: bool, cache_di
     return dict(datasets.load_dataset(str(folder), config_name, streaming=streaming, cache_dir=cache_dir))
 
 
-def own_split(splits: dict, ours: str):
-    """The dataset's split that serves as our `ours` ("train", "val", "test"), or None."""
-    return next((splits[name] for name in OWN_SPLITS[ours] if name in splits), None)
+def own_split(splits: dict, ours: str) -> tuple[str, object] | None:
+    """(name, split) of the dataset's split that serves as our `ours` ("train", "val", "test"), or None."""
+    return next(((name, splits[name]) for name in OWN_SPLITS[ours] if name in splits), None)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one of our splits comes from: a split of the dataset (by its name) and, unless
+    streamed (None), which of its rows."""
+
+    dataset: object
+    name: str
+    rows: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,17 @@ def image_identity(cell) -> bytes | str:
     return cell if isinstance(cell, (str, bytes)) else repr(cell)
 
 
+def image_identities(dataset, column: str) -> list[bytes | str]:
+    """`image_identity` of every row of a map-style split, read in batches."""
+    images = dataset.select_columns([column])
+    return [image_identity(cell) for batch in images.iter(batch_size=256) for cell in batch[column]]
+
+
+def in_band(column: str, low: float, high: float):
+    """A row filter: whether the row's image hashes into [low, high) (`splits.position`)."""
+    return lambda row: low <= position(image_identity(row[column])) < high
+
+
 class RowDecoder:
     """A row (dict of column values) to the pipeline's raw sample (see `datamodules.folders`)."""
 
@@ -148,17 +170,17 @@ class RowDecoder:
 
 
 class RowSource:
-    """Chosen rows of a map-style dataset split as raw samples."""
+    """The chosen rows of a map-style dataset split as raw samples."""
 
-    def __init__(self, dataset, rows: list[int], decode: RowDecoder, split: str):
-        self.dataset, self.rows, self.decode, self.split = dataset, rows, decode, split
+    def __init__(self, part: Part, decode: RowDecoder):
+        self.part, self.decode = part, decode
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.part.rows)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        return self.decode(self.dataset[row], f"{self.split}/{row}", f"{self.split} row {row}")
+        row, name = self.part.rows[index], self.part.name
+        return self.decode(self.part.dataset[row], f"{name}/{row}", f"{name} row {row}")
 
 
 class RowStream(IterableDataset):

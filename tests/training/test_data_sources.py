@@ -4,13 +4,15 @@ chosen validation images and prompts in the sample grids."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import FAST, compose_config
-from support.data_sets import write_parquet_set, write_photo_folder, write_saved_set
+from conftest import FAST, compose_config, run_command
+from support.data_sets import PHOTOS, photo_dataset, write_parquet_set, write_photo_folder, write_saved_set
 
 from conftrl.cli.train import train
 from conftrl.config.schema import ConfigError
@@ -88,3 +90,23 @@ def test_a_validation_or_data_mistake_stops_the_run_before_the_model_loads(tiny_
     existing = str(tiny_base / "model_index.json")
     with pytest.raises(ConfigError, match=re.escape(expected)):
         run(tiny_base, tmp_path, *(o.format(existing) for o in overrides))
+
+
+@pytest.mark.slow
+def test_a_stream_under_two_process_ddp_gives_each_rank_its_own_rows(tiny_base, tmp_path):
+    """Two spawned gloo processes, 4 rows, batches of 1, 2 steps: one epoch of the stream, whose
+    rows the ranks share out between them."""
+    location = tmp_path / "set"
+    photo_dataset().select(range(4)).save_to_disk(location)
+    overrides = [o for o in FAST_FILES if not o.startswith(("trainer.val_check", "data.batch_size", "callbacks."))]
+    run_command(
+        "conftrl.train", "experiment=canny_coft", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"model.path={tiny_base}", *overrides, "data=hf", f"data.dataset_name={location}", "data.streaming=true",
+        "data.val_fraction=0", "data.batch_size=1", "data.proportion_empty_prompts=0", "trainer.limit_val_batches=0",
+        "callbacks=none", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.probe._target_=batch_probes.RecordCaptions", f"+callbacks.probe.directory={tmp_path / 'probe'}",
+        cwd=tmp_path, PYTHONPATH=str(Path(__file__).parent),
+    )
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(captions) for captions in ranks] == [2, 2]
+    assert sorted(ranks[0] + ranks[1]) == sorted(list(PHOTOS.values())[:4])
