@@ -202,8 +202,9 @@ class RowStream(IterableDataset):
         epoch = 0
         while True:
             self.rows.set_epoch(epoch)
-            built = 0
+            read = built = 0
             for index, row in enumerate(self.rows):
+                read += 1
                 try:
                     item = self.build(self.decode(row, f"{name}/{index}", f"{name} row {index}"), epoch, worker_id, index)
                 except BadSampleError as err:
@@ -211,8 +212,9 @@ class RowStream(IterableDataset):
                     continue
                 built += 1
                 yield item
-            if not self.endless:
+            # A worker given no shard of the stream (more workers than shards) has nothing to do.
+            if not self.endless or read == 0:
                 return
             if built == 0:  # starting over would never yield
-                raise EmptySplitError(f"{name}: the stream holds no usable rows for this process")
+                raise EmptySplitError(f"{name}: every row this process reads is bad")
             epoch += 1

@@ -20,7 +20,8 @@ Scorer = Callable[[np.ndarray, dict], dict[str, float]]
 
 
 def first_items(batches: Iterable[dict], count: int) -> dict:
-    """The first `count` samples of a dataloader as one batch dict (fixed across a run)."""
+    """The first `count` samples of a dataloader as one batch dict (fixed across a run); empty
+    when the dataloader yields nothing (a streamed split can turn out empty)."""
     taken, seen = [], 0
     for batch in batches:
         taken.append(batch)
@@ -28,7 +29,7 @@ def first_items(batches: Iterable[dict], count: int) -> dict:
         if seen >= count:
             break
     merged = {}
-    for key in taken[0]:
+    for key in taken[0] if taken else ():
         values = [b[key] for b in taken]
         merged[key] = torch.cat(values)[:count] if isinstance(values[0], torch.Tensor) else sum(values, [])[:count]
     return merged

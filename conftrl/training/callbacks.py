@@ -20,6 +20,7 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from conftrl.evaluation.measure import chosen_items, fidelity, first_items, mean_scores, paired_prompts, sample_grid
 from conftrl.evaluation.scorers import FIDELITY_SCORERS, FidelityUnavailable, estimator_of, fidelity_scorer
@@ -84,7 +85,10 @@ class SampleGrid(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
         if _skip(trainer):
             return
-        grid = sample_grid(partial(module.sample, **self.sampling), self._rows(trainer), self.seeds)
+        if not self._rows(trainer):
+            rank_zero_warn("the validation split yielded no samples: no sample grid")
+            return
+        grid = sample_grid(partial(module.sample, **self.sampling), self.rows, self.seeds)
         save_png(grid, self.output_dir / f"step_{trainer.global_step:06d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -123,12 +127,15 @@ class ControlFidelity(Callback):
         # Every rank sees the same items and estimator, so every rank skips or scores alike.
         if trainer.sanity_checking or self.skipped or (self.score is None and not self._prepare(trainer)):
             return
-        share = _share(len(self.items["caption"]), trainer)
+        share = _share(len(self.items.get("caption", ())), trainer)  # a streamed split can yield nothing
         mine = {key: value[share] for key, value in self.items.items()}
-        count = len(mine["caption"])
+        count = len(mine.get("caption", ()))
         sample = partial(module.sample, **self.sampling)
         scores = fidelity(sample, mine, self.score, self.batch_size, first_index=share.start) if count else {}
         shares = [(scores, count) for scores, count in _from_every_rank((scores, count)) if count]
+        if not shares:
+            rank_zero_warn("the validation split yielded no samples: no control fidelity")
+            return
         for name, value in mean_scores([scores for scores, _ in shares], [count for _, count in shares]).items():
             module.log(f"val/{name}", value)
 

@@ -195,3 +195,26 @@ def test_folder_layouts_load_through_datasets(tmp_path, imagefolder):
     module = datamodule(fill, PrecomputedControl(), val_fraction=0.0, batch_size=3)
     batch = next(iter(module.train_dataloader()))
     assert sorted(batch["caption"]) == ["fill 0", "fill 1", "fill 2"]
+
+
+def test_a_stream_read_by_two_workers_gives_every_row_once_per_epoch(saved):
+    """The set is one shard: the second worker has nothing to read, and stops instead of hanging."""
+    loader = datamodule(saved, streaming=True, val_fraction=0.0, batch_size=1, num_workers=2).train_dataloader()
+    first_epoch = [batch["caption"][0] for _, batch in zip(range(12), loader)]
+    assert sorted(first_epoch) == sorted(f"photo {i}" for i in range(12))
+
+
+def test_a_hub_name_goes_to_the_hub_and_a_failure_names_it(monkeypatch):
+    asked = []
+
+    def load_dataset(name, config, streaming, cache_dir):
+        asked.append((name, config, streaming))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    module = HFDataModule(CannyAnnotator(), dataset_name="someone/a-set", dataset_config_name="small", streaming=True)
+    with pytest.raises(FileNotFoundError, match="'someone/a-set' is no local folder, and the hub did not give it: offline"):
+        module.setup("fit")
+    assert asked == [("someone/a-set", "small", True)]
+    with pytest.raises(FileNotFoundError, match="data folder not found: not a/hub name!"):
+        HFDataModule(CannyAnnotator(), dataset_name="not a/hub name!").setup("fit")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ from conftrl.cli.train import train
 from conftrl.config.schema import ConfigError
 from conftrl.control.inputs import control_from_file
 from conftrl.training.adapter import load_adapter
+from conftrl.training.callbacks import ControlFidelity, SampleGrid
 from conftrl.training.loggers import logged_metrics
 from conftrl.utils.images import to_uint8
 from datamodules.annotators import CannyAnnotator
@@ -110,3 +112,16 @@ def test_a_stream_under_two_process_ddp_gives_each_rank_its_own_rows(tiny_base, 
     ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [len(captions) for captions in ranks] == [2, 2]
     assert sorted(ranks[0] + ranks[1]) == sorted(list(PHOTOS.values())[:4])
+
+
+def test_a_validation_split_that_yields_nothing_leaves_out_grids_and_fidelity(tmp_path):
+    """A streamed split carved by hash can turn out empty: the run goes on without them."""
+    trainer = SimpleNamespace(
+        sanity_checking=False, is_global_zero=True, global_step=2, loggers=[],
+        datamodule=SimpleNamespace(val_dataloader=lambda: iter(())),
+    )
+    for callback, what in ((SampleGrid(2, [0], {}, str(tmp_path / "samples")), "no sample grid"),
+                           (ControlFidelity("edge_f1", 2, 2, {}), "no control fidelity")):
+        with pytest.warns(UserWarning, match=what):
+            callback.on_validation_epoch_end(trainer, None)
+    assert not (tmp_path / "samples").exists()
