@@ -104,7 +104,8 @@ def test_a_set_without_a_conditioning_column_is_annotated(tmp_path):
 
 
 def test_missing_columns_and_folders_are_named(saved, tmp_path):
-    with pytest.raises(ValueError, match=r"data.caption_column='prompt' is not one of its columns \['conditioning_image', 'image', 'text'\]"):
+    columns = r"\['conditioning_image', 'image', 'text'\]"
+    with pytest.raises(ValueError, match=rf"data.caption_column='prompt' is not one of its columns {columns}"):
         datamodule(saved, caption_column="prompt")
     with pytest.raises(FileNotFoundError, match="data folder not found: .*nowhere"):
         HFDataModule(CannyAnnotator(), train_data_dir=str(tmp_path / "nowhere")).setup("fit")

@@ -29,8 +29,8 @@ FAST_FILES = [o for o in FAST if not o.startswith("data.num_")] + ["data.num_wor
 
 
 def run(tiny_base, tmp_path, *overrides: str) -> dict:
-    cfg = compose_config("train", [f"model.path={tiny_base}", *FAST_FILES, "experiment=canny_coft", *overrides], tmp_path / "run")
-    return train(cfg)
+    overrides = [f"model.path={tiny_base}", *FAST_FILES, "experiment=canny_coft", *overrides]
+    return train(compose_config("train", overrides, tmp_path / "run"))
 
 
 def steps(tmp_path) -> list[int]:
@@ -85,7 +85,9 @@ def test_real_photos_train_with_canny_and_chosen_validation_items_fill_the_grid(
     ],
     ids=["missing image", "pairing", "prompts alone", "hf without a dataset"],
 )
-def test_a_validation_or_data_mistake_stops_the_run_before_the_model_loads(tiny_base, tmp_path, monkeypatch, overrides, expected):
+def test_a_validation_or_data_mistake_stops_the_run_before_the_model_loads(
+    tiny_base, tmp_path, monkeypatch, overrides, expected
+):
     import conftrl.cli.train as command
 
     monkeypatch.setattr(command, "load_base", lambda *a, **k: pytest.fail("the base model was loaded"))
