@@ -151,7 +151,13 @@ class RowDecoder:
         where = f"{self.location}: {where}"
         if problem := caption_problem(row[self.columns.caption]):
             raise BadSampleError(where, problem)
-        sample = {"image": self._image(row[self.columns.image], where), "caption": row[self.columns.caption], "key": key}
+        cell = row[self.columns.image]
+        sample = {"image": self._image(cell, where), "caption": row[self.columns.caption], "key": key}
+        # What identifies the image for the estimator cache: its bytes, or its file.
+        if isinstance(cell, dict) and cell.get("bytes"):
+            sample["encoded"] = cell["bytes"]
+        elif (path := self._file(cell, where)) is not None:
+            sample["path"] = path
         if self.columns.control is not None:
             sample["control"] = self._image(row[self.columns.control], f"{where}, {self.columns.control}")
         return sample
@@ -159,14 +165,21 @@ class RowDecoder:
     def _image(self, cell, where: str):
         if isinstance(cell, dict) and cell.get("bytes"):
             return read_rgb(io.BytesIO(cell["bytes"]), where)
+        path = self._file(cell, where)
+        if path is None:
+            raise BadSampleError(where, f"no image (got {type(cell).__name__} {str(cell)[:80]!r})")
+        return read_rgb(path, f"{where} ({path})")
+
+    def _file(self, cell, where: str) -> Path | None:
+        """The file an image cell names (a path, relative to the dataset's folder), if any."""
         path = cell.get("path") if isinstance(cell, dict) else cell
         if not (isinstance(path, str) and path):
-            raise BadSampleError(where, f"no image (got {type(cell).__name__} {str(cell)[:80]!r})")
-        if not Path(path).is_absolute():
-            if self.folder is None:
-                raise BadSampleError(where, f"relative image path {path!r} in a dataset without a folder")
-            path = self.folder / path
-        return read_rgb(Path(path), f"{where} ({path})")
+            return None
+        if Path(path).is_absolute():
+            return Path(path)
+        if self.folder is None:
+            raise BadSampleError(where, f"relative image path {path!r} in a dataset without a folder")
+        return self.folder / path
 
 
 class RowSource:

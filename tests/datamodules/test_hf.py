@@ -219,3 +219,20 @@ def test_a_hub_name_goes_to_the_hub_and_a_failure_names_it(monkeypatch):
     assert asked == [("someone/a-set", "small", True)]
     with pytest.raises(FileNotFoundError, match="data folder not found: not a/hub name!"):
         HFDataModule(CannyAnnotator(), dataset_name="not a/hub name!").setup("fit")
+
+
+@pytest.mark.parametrize("layout", ["bytes", "files"])
+def test_estimator_outputs_of_rows_are_cached(tmp_path, layout, imagefolder):
+    """A row's image identifies its cache entry by its bytes, or by its file: the second
+    epoch runs the estimator no more."""
+    from test_annotation_cache import CountingEstimator
+
+    location = imagefolder if layout == "files" else tmp_path / "saved"
+    if layout == "bytes":
+        dataset(4).save_to_disk(location)
+    estimator = CountingEstimator()
+    annotator = DepthAnnotator(estimator=estimator, cache_dir=str(tmp_path / "annotations"))
+    loader = datamodule(location, annotator, val_fraction=0.0).train_dataloader()
+    for epoch in range(2):
+        assert all(batch["control"].max() > 0 for batch in loader)
+        assert estimator.calls == 4 and annotator.cache.hits == 4 * epoch
