@@ -316,7 +316,8 @@ class HFDataModule(ControlDataModule):
                 parts[split] = own[split]
             elif high > low:
                 train = own["train"]
-                parts[split] = hf.Part(train.dataset.filter(hf.in_band(self.columns.image, low, high)), train.name)
+                in_band = hf.in_band(self.columns.image, self._folder, low, high)
+                parts[split] = hf.Part(train.dataset.filter(in_band), train.name)
             else:
                 parts[split] = None
         return parts
@@ -327,7 +328,7 @@ class HFDataModule(ControlDataModule):
         rows = self._captioned_rows(train)
         carved = {"train": rows, "val": [], "test": []}
         if val_fraction or test_fraction:  # identities cost a pass over the images
-            identities = hf.image_identities(train.dataset, self.columns.image)
+            identities = hf.image_identities(train.dataset, self.columns.image, self._folder)
             carved = split_records(rows, val_fraction, test_fraction, identity=identities.__getitem__)
         return {
             split: hf.Part(own[split].dataset, own[split].name, self._captioned_rows(own[split]))

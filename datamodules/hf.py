@@ -49,7 +49,7 @@ def load_splits(
     `location` is a folder, or with `local_only` false, also a hub name."""
     folder = Path(location).expanduser()
     if folder.is_dir():
-        return _load_local(folder, config_name, streaming, cache_dir), folder
+        return _load_local(folder, config_name, streaming, cache_dir), folder.resolve()
     if local_only or not HUB_NAME.fullmatch(location):
         raise FileNotFoundError(f"data folder not found: {location}")
     try:
@@ -63,7 +63,10 @@ def _load_local(folder: Path, config_name: str | None, streaming: bool, cache_di
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():  # save_to_disk
         loaded = datasets.load_from_disk(str(folder))
         splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
-        return {name: split.to_iterable_dataset() for name, split in splits.items()} if streaming else splits
+        if not streaming:
+            return splits
+        # Shards are what dataloader workers and DDP processes share out: 64 suit any power-of-two count.
+        return {name: split.to_iterable_dataset(num_shards=max(1, min(len(split), 64))) for name, split in splits.items()}
     if (folder / "prompt.json").is_file():
         listing = str(folder / "prompt.json")
         loaded = datasets.load_dataset("json", data_files=listing, streaming=streaming, cache_dir=cache_dir)
@@ -123,22 +126,27 @@ def caption_problem(caption) -> str | None:
     return None
 
 
-def image_identity(cell) -> bytes | str:
-    """What identifies a row's image for the hash split: its bytes, or its path."""
+def image_identity(cell, folder: Path | None = None) -> bytes | str:
+    """What identifies a row's image for the hash split: its bytes, or its path (relative to
+    the dataset's `folder` when inside it, so that moving the folder keeps the splits)."""
     if isinstance(cell, dict):
-        return cell.get("bytes") or cell.get("path") or b""
+        if cell.get("bytes"):
+            return cell["bytes"]
+        cell = cell.get("path") or ""
+    if isinstance(cell, str) and folder is not None and Path(cell).is_relative_to(folder):
+        return Path(cell).relative_to(folder).as_posix()
     return cell if isinstance(cell, (str, bytes)) else repr(cell)
 
 
-def image_identities(dataset, column: str) -> list[bytes | str]:
+def image_identities(dataset, column: str, folder: Path | None) -> list[bytes | str]:
     """`image_identity` of every row of a map-style split, read in batches."""
     images = dataset.select_columns([column])
-    return [image_identity(cell) for batch in images.iter(batch_size=256) for cell in batch[column]]
+    return [image_identity(cell, folder) for batch in images.iter(batch_size=256) for cell in batch[column]]
 
 
-def in_band(column: str, low: float, high: float):
+def in_band(column: str, folder: Path | None, low: float, high: float):
     """A row filter: whether the row's image hashes into [low, high) (`splits.position`)."""
-    return lambda row: low <= position(image_identity(row[column])) < high
+    return lambda row: low <= position(image_identity(row[column], folder)) < high
 
 
 class RowDecoder:
@@ -211,7 +219,7 @@ class RowStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         worker_id = worker.id if worker is not None else 0
-        name = self.name + (f", worker {worker_id}" if worker is not None and worker.num_workers > 1 else "")
+        name = self.name + (f"@worker{worker_id}" if worker is not None and worker.num_workers > 1 else "")
         epoch = 0
         while True:
             self.rows.set_epoch(epoch)

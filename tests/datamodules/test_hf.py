@@ -158,13 +158,15 @@ def test_the_datasets_own_validation_split_is_used(tmp_path):
     assert next(iter(module.val_dataloader()))["key"][0] == "validation/0"
 
 
-def test_streaming_ranks_read_disjoint_rows_as_the_trainer_numbers_them(saved):
+@pytest.mark.parametrize("source", ["saved", "parquet"], ids=["12 shards: shards per rank", "1 file: rows per rank"])
+def test_streaming_ranks_read_disjoint_rows_as_the_trainer_numbers_them(source, request):
     """Each epoch, the two ranks of a 2-process run read 6 rows each: all 12, none twice."""
+    location = request.getfixturevalue(source)
     for epoch_rows in (slice(0, 6), slice(6, 12)):
         parts = []
         for rank in (0, 1):
             trainer = SimpleNamespace(global_rank=rank, world_size=2)
-            loader = datamodule(saved, streaming=True, val_fraction=0.0, batch_size=1, trainer=trainer).train_dataloader()
+            loader = datamodule(location, streaming=True, val_fraction=0.0, batch_size=1, trainer=trainer).train_dataloader()
             parts.append([batch["caption"][0] for _, batch in zip(range(12), loader)][epoch_rows])
         assert sorted(parts[0] + parts[1]) == sorted(f"photo {i}" for i in range(12))
     assert "@rank1" in next(iter(loader))["key"][0]
@@ -198,9 +200,11 @@ def test_folder_layouts_load_through_datasets(tmp_path, imagefolder):
     assert sorted(batch["caption"]) == ["fill 0", "fill 1", "fill 2"]
 
 
-def test_a_stream_read_by_two_workers_gives_every_row_once_per_epoch(saved):
-    """The set is one shard: the second worker has nothing to read, and stops instead of hanging."""
-    loader = datamodule(saved, streaming=True, val_fraction=0.0, batch_size=1, num_workers=2).train_dataloader()
+@pytest.mark.parametrize("source", ["saved", "parquet"], ids=["12 shards", "1 file: a worker idles"])
+def test_a_stream_read_by_two_workers_gives_every_row_once_per_epoch(source, request):
+    """Workers share the shards out; a worker left without one stops instead of failing."""
+    location = request.getfixturevalue(source)
+    loader = datamodule(location, streaming=True, val_fraction=0.0, batch_size=1, num_workers=2).train_dataloader()
     first_epoch = [batch["caption"][0] for _, batch in zip(range(12), loader)]
     assert sorted(first_epoch) == sorted(f"photo {i}" for i in range(12))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
+import datasets
 import numpy as np
 import pytest
 from conftest import FAST, compose_config, run_command
@@ -100,13 +101,13 @@ def test_a_validation_or_data_mistake_stops_the_run_before_the_model_loads(
 def test_a_stream_under_two_process_ddp_gives_each_rank_its_own_rows(tiny_base, tmp_path):
     """Two spawned gloo processes, 4 rows, batches of 1, 2 steps: one epoch of the stream, whose
     rows the ranks share out between them."""
-    location = tmp_path / "set"
-    photo_dataset().select(range(4)).save_to_disk(location)
+    location, photos = tmp_path / "set", photo_dataset()
+    datasets.DatasetDict(train=photos.select(range(4)), validation=photos.select(range(4, 6))).save_to_disk(location)
     overrides = [o for o in FAST_FILES if not o.startswith(("trainer.val_check", "data.batch_size", "callbacks."))]
     run_command(
         "conftrl.train", "experiment=canny_coft", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         f"model.path={tiny_base}", *overrides, "data=hf", f"data.dataset_name={location}", "data.streaming=true",
-        "data.val_fraction=0", "data.batch_size=1", "data.proportion_empty_prompts=0", "trainer.limit_val_batches=0",
+        "data.batch_size=1", "data.proportion_empty_prompts=0", "trainer.limit_val_batches=0",
         "callbacks=none", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
         "+callbacks.probe._target_=batch_probes.RecordCaptions", f"+callbacks.probe.directory={tmp_path / 'probe'}",
         cwd=tmp_path, PYTHONPATH=str(Path(__file__).parent),
