@@ -270,6 +270,7 @@ class HFDataModule(ControlDataModule):
                 f"{type(annotator).__name__} needs an estimator (e.g. annotator=depth_dnn)"
             )
         self.location, self.local_only = train_data_dir or dataset_name, train_data_dir is not None
+        hf.local_folder(self.location, self.local_only)  # a missing folder fails before the model loads
         self.dataset_config_name, self.cache_dir = dataset_config_name, cache_dir
         reads_control = annotator.source_map == "control"
         self.columns = hf.Columns(image_column, caption_column, conditioning_image_column if reads_control else None)

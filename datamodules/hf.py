@@ -47,16 +47,23 @@ def load_splits(
     """The dataset's splits by name, and the folder its relative paths start from (None for the hub).
 
     `location` is a folder, or with `local_only` false, also a hub name."""
-    folder = Path(location).expanduser()
-    if folder.is_dir():
-        return _load_local(folder, config_name, streaming, cache_dir), folder.resolve()
-    if local_only or not HUB_NAME.fullmatch(location):
-        raise FileNotFoundError(f"data folder not found: {location}")
+    if (folder := local_folder(location, local_only)) is not None:
+        return _load_local(folder, config_name, streaming, cache_dir), folder
     try:
         loaded = datasets.load_dataset(location, config_name, streaming=streaming, cache_dir=cache_dir)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise FileNotFoundError(f"{location!r} is no local folder, and the hub did not give it: {err}") from err
     return dict(loaded), None
+
+
+def local_folder(location: str, local_only: bool) -> Path | None:
+    """The folder `location` names, or None for a hub name; anything else raises, naming it."""
+    folder = Path(location).expanduser()
+    if folder.is_dir():
+        return folder.resolve()
+    if local_only or not HUB_NAME.fullmatch(location):
+        raise FileNotFoundError(f"data folder not found: {location}")
+    return None
 
 
 def _load_local(folder: Path, config_name: str | None, streaming: bool, cache_dir: str | None) -> dict:

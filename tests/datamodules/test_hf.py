@@ -108,7 +108,7 @@ def test_missing_columns_and_folders_are_named(saved, tmp_path):
     with pytest.raises(ValueError, match=rf"data.caption_column='prompt' is not one of its columns {columns}"):
         datamodule(saved, caption_column="prompt")
     with pytest.raises(FileNotFoundError, match="data folder not found: .*nowhere"):
-        HFDataModule(CannyAnnotator(), train_data_dir=str(tmp_path / "nowhere")).setup("fit")
+        HFDataModule(CannyAnnotator(), train_data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="set one of data.dataset_name"):
         HFDataModule(CannyAnnotator())
     with pytest.raises(ValueError, match="not depth maps"):
@@ -222,7 +222,7 @@ def test_a_hub_name_goes_to_the_hub_and_a_failure_names_it(monkeypatch):
         module.setup("fit")
     assert asked == [("someone/a-set", "small", True)]
     with pytest.raises(FileNotFoundError, match="data folder not found: not a/hub name!"):
-        HFDataModule(CannyAnnotator(), dataset_name="not a/hub name!").setup("fit")
+        HFDataModule(CannyAnnotator(), dataset_name="not a/hub name!")
 
 
 @pytest.mark.parametrize("layout", ["bytes", "files"])

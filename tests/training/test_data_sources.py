@@ -83,8 +83,9 @@ def test_real_photos_train_with_canny_and_chosen_validation_items_fill_the_grid(
         (["validation.images=[{0},{0}]", "validation.prompts=[a,b,c]"], "2 validation.images and 3 validation.prompts"),
         (["validation.prompts=[a]"], "validation.images and validation.prompts go together"),
         (["data=hf"], "set one of data.dataset_name"),
+        (["data=hf", "data.dataset_name=/no/such/set"], "data: data folder not found: /no/such/set"),
     ],
-    ids=["missing image", "pairing", "prompts alone", "hf without a dataset"],
+    ids=["missing image", "pairing", "prompts alone", "hf without a dataset", "hf folder not there"],
 )
 def test_a_validation_or_data_mistake_stops_the_run_before_the_model_loads(
     tiny_base, tmp_path, monkeypatch, overrides, expected
