@@ -1,7 +1,7 @@
-"""LightningDataModules: ShapesWorld and image folders, sharing one pipeline.
+"""LightningDataModules: ShapesWorld, image folders and Hugging Face datasets, sharing one pipeline.
 
-Both take the annotator object (from ``conf/annotator``) and the common settings of
-`ControlDataModule`; each adds only what describes its data.
+Each takes the annotator object (from ``conf/annotator``) and the common settings of
+`ControlDataModule`, and adds only what describes its data.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pydantic import DirectoryPath
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, SampleBuilder, collate, seed_worker
 from datamodules import hf
+from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, SampleBuilder, collate, seed_worker
 from datamodules.errors import BadSampleError, EmptySplitError
 from datamodules.folders import FORMATS, FolderSource, index_folder
 from datamodules.shapesworld import ShapesWorld, WorldSpec
