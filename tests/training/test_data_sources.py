@@ -122,7 +122,7 @@ def test_a_validation_split_that_yields_nothing_leaves_out_grids_and_fidelity(tm
     """A streamed split carved by hash can turn out empty: the run goes on without them."""
     trainer = SimpleNamespace(
         sanity_checking=False, is_global_zero=True, global_rank=0, world_size=1, global_step=2, loggers=[],
-        datamodule=SimpleNamespace(val_dataloader=lambda: iter(())),
+        datamodule=SimpleNamespace(val_dataloader=lambda: iter(()), annotator=CannyAnnotator()),
     )
     module = SimpleNamespace(sample=lambda *args, **kwargs: pytest.fail("sampled"), log=lambda *args: pytest.fail("logged"))
     for callback, what in ((SampleGrid(2, [0], {}, str(tmp_path / "samples")), "no sample grid"),
