@@ -2,8 +2,9 @@
 
 Public API (stable names):
 
-* `ShapesWorldDataModule`, `FolderDataModule` — LightningDataModules; both subclass
-  `ControlDataModule` and take an ``annotator`` plus ``resolution``, ``batch_size``,
+* `ShapesWorldDataModule`, `FolderDataModule`, `HFDataModule` (Hugging Face `datasets`) —
+  LightningDataModules; each subclasses
+  `ControlDataModule` and takes an ``annotator`` plus ``resolution``, ``batch_size``,
   ``num_workers``, ``seed``, ``proportion_empty_prompts`` and ``on_bad_sample``.
 * `datamodules.annotators` — Canny, depth, segmentation and precomputed controls.
 * `datamodules.shapesworld` — the synthetic world and its vocabulary (`COLORS`,
@@ -32,7 +33,9 @@ scene          list[dict]                  ShapesWorld only: JSON-able scene des
 =============  ==========================  =====================================================
 """
 
-from datamodules.datamodule import ControlDataModule, FolderDataModule, ShapesWorldDataModule
+from datamodules.datamodule import ControlDataModule, FolderDataModule, HFDataModule, ShapesWorldDataModule
 from datamodules.errors import BadSampleError, EmptySplitError
 
-__all__ = ["BadSampleError", "ControlDataModule", "EmptySplitError", "FolderDataModule", "ShapesWorldDataModule"]
+__all__ = [
+    "BadSampleError", "ControlDataModule", "EmptySplitError", "FolderDataModule", "HFDataModule", "ShapesWorldDataModule",
+]

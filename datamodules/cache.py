@@ -1,7 +1,7 @@
 """On-disk cache of expensive annotations (estimator outputs), one ``.npy`` per entry.
 
-An entry's key hashes the source file's identity (resolved path, size, modification time)
-and the annotator's parameters, so editing the file or changing a parameter misses, while
+An entry's key hashes the source file's identity (resolved path, size, modification time),
+or for an image held in a dataset row its encoded bytes, and the annotator's parameters, so editing the file or changing a parameter misses, while
 rerunning the same configuration hits. Entries are written atomically (temporary file,
 then rename), so dataloader workers may share a directory, and read with
 ``allow_pickle=False``: a cache directory never executes code. An entry that cannot be read
@@ -30,18 +30,24 @@ class AnnotationCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, path: str | os.PathLike, params: Mapping) -> str:
-        stat = os.stat(path)
-        identity = {
-            "path": str(Path(path).resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "params": params,
-        }
+    def key(self, source: str | os.PathLike | bytes, params: Mapping) -> str:
+        """`source` is an image file, or an image's encoded bytes (a dataset row's), keyed by their hash."""
+        if isinstance(source, bytes):
+            identity = {"sha256": hashlib.sha256(source).hexdigest(), "params": params}
+        else:
+            stat = os.stat(source)
+            identity = {
+                "path": str(Path(source).resolve()),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "params": params,
+            }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
-    def get_or_compute(self, path: str | os.PathLike, params: Mapping, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        key = self.key(path, params)
+    def get_or_compute(
+        self, source: str | os.PathLike | bytes, params: Mapping, compute: Callable[[], np.ndarray]
+    ) -> np.ndarray:
+        key = self.key(source, params)
         entry = self.directory / key[:2] / f"{key}.npy"
         if entry.exists():
             try:

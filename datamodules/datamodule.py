@@ -1,26 +1,33 @@
-"""LightningDataModules: ShapesWorld and image folders, sharing one pipeline.
+"""LightningDataModules: ShapesWorld, image folders and Hugging Face datasets, sharing one pipeline.
 
-Both take the annotator object (from ``conf/annotator``) and the common settings of
-`ControlDataModule`; each adds only what describes its data.
+Each takes the annotator object (from ``conf/annotator``) and the common settings of
+`ControlDataModule`, and adds only what describes its data.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from pathlib import Path
 from typing import Annotated, Literal
 
 import lightning as L
 import torch
 from annotated_types import Ge, Interval
+from datasets.distributed import split_dataset_by_node
 from pydantic import DirectoryPath
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, collate, seed_worker
-from datamodules.errors import EmptySplitError
-from datamodules.folders import FORMATS, FolderSource, index_folder, split_records
+from datamodules import hf
+from datamodules.dataset import ON_BAD_SAMPLE, ControlDataset, EpochSampler, SampleBuilder, collate, seed_worker
+from datamodules.errors import BadSampleError, EmptySplitError
+from datamodules.folders import FORMATS, FolderSource, index_folder
 from datamodules.shapesworld import ShapesWorld, WorldSpec
+from datamodules.splits import bands, split_records
 from datamodules.transforms import CROPS, PairedTransform
+
+log = logging.getLogger(__name__)
 
 _STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -71,7 +78,7 @@ class ControlDataModule(L.LightningDataModule):
         self.proportion_empty_prompts, self.on_bad_sample = proportion_empty_prompts, on_bad_sample
         self.train_transform = PairedTransform(resolution, crop, flip_probability)
         self.eval_transform = PairedTransform(resolution, "center")
-        self.datasets: dict[str, ControlDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     def make_source(self, split: str):
         """The samples of `split` ("train", "val" or "test") as a sequence of dicts."""
@@ -81,31 +88,39 @@ class ControlDataModule(L.LightningDataModule):
         """The settings that sized the splits, for messages."""
         return ""
 
+    def sample_builder(self, split: str) -> SampleBuilder:
+        """The pipeline of `split`: augmentation and caption dropout in training only."""
+        train = split == "train"
+        return SampleBuilder(
+            self.annotator,
+            self.train_transform if train else self.eval_transform,
+            seed=self.seed,
+            train=train,
+            proportion_empty_prompts=self.proportion_empty_prompts,
+        )
+
+    def make_dataset(self, split: str, required: bool) -> Dataset:
+        """The dataset of `split`; a `required` one must hold samples."""
+        source = self.make_source(split)
+        if len(source) == 0 and required:
+            raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+        return ControlDataset(source, self.sample_builder(split), self.on_bad_sample)
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of `stage`. Its own split (train to fit, val to validate, test to
         test) must hold samples; fit's validation split is empty only when configured so."""
         for split in _STAGE_SPLITS[stage]:
-            if split in self.datasets:
-                continue
-            train = split == "train"
-            source = self.make_source(split)
-            if len(source) == 0 and stage is not None and split == _STAGE_SPLITS[stage][0]:
-                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
-            self.datasets[split] = ControlDataset(
-                source,
-                self.annotator,
-                self.train_transform if train else self.eval_transform,
-                seed=self.seed,
-                train=train,
-                proportion_empty_prompts=self.proportion_empty_prompts,
-                on_bad_sample=self.on_bad_sample,
-            )
+            if split not in self.datasets:
+                required = stage is not None and split == _STAGE_SPLITS[stage][0]
+                self.datasets[split] = self.make_dataset(split, required)
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> DataLoader:
         """Resumable: Lightning checkpoints how many batches of the epoch this process has
         taken and, resumed mid-epoch, the loader skips exactly those (each rank its own share,
-        under DDP) instead of starting the epoch over."""
+        under DDP) instead of starting the epoch over. A stream starts over."""
         dataset = self.datasets["train"]
+        if isinstance(dataset, IterableDataset):  # a stream shuffles itself; resumed, it starts over
+            return self._loader(dataset)
         return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, shuffle=True), stateful=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -114,7 +129,7 @@ class ControlDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["test"])
 
-    def _loader(self, dataset: ControlDataset, sampler=None, stateful: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler=None, stateful: bool = False) -> DataLoader:
         return (StatefulDataLoader if stateful else DataLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -207,3 +222,150 @@ class FolderDataModule(ControlDataModule):
             )
             self._splits = split_records(records, self.val_fraction, self.test_fraction)
         return FolderSource(self._splits[split], self.annotator.source_map)
+
+
+class HFDataModule(ControlDataModule):
+    """A Hugging Face `datasets` dataset (`datamodules.hf`), named as diffusers' ControlNet
+    training script names it: `dataset_name` (a hub name or a local dataset) or
+    `train_data_dir` (a local folder), and the image, conditioning image and caption columns.
+
+    The control comes from `conditioning_image_column` when the annotator reads a given
+    control image (``annotator=precomputed``); any other annotator computes it from the image.
+    Validation and test use the dataset's own ``validation`` and ``test`` splits; where it has
+    none, `val_fraction` / `test_fraction` of the train split, chosen by a hash of each image.
+
+    Args:
+        streaming: read rows as they are needed instead of preparing the dataset on disk
+            first (for sets larger than memory or disk); each DDP rank reads its own rows
+            (`datasets.distributed.split_dataset_by_node`, with the trainer's rank and world
+            size); training rows are shuffled in a buffer of `shuffle_buffer_size`.
+        cache_dir: where `datasets` keeps what it prepares (its default when None).
+    """
+
+    def __init__(
+        self,
+        annotator,
+        dataset_name: str | None = None,
+        train_data_dir: str | None = None,
+        dataset_config_name: str | None = None,
+        image_column: str = "image",
+        conditioning_image_column: str | None = "conditioning_image",
+        caption_column: str = "text",
+        streaming: bool = False,
+        shuffle_buffer_size: Count = 1000,
+        val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.05,
+        test_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.0,
+        cache_dir: str | None = None,
+        **common,
+    ):
+        super().__init__(annotator, **common)
+        if (dataset_name is None) == (train_data_dir is None):
+            raise ValueError(
+                "set one of data.dataset_name (a hub name or a local dataset) and data.train_data_dir (a local "
+                f"folder), got dataset_name={dataset_name!r}, train_data_dir={train_data_dir!r}"
+            )
+        if annotator.source_map in ("depth", "labels") and not annotator.estimates:
+            raise ValueError(
+                f"data=hf supplies images and control images, not {annotator.source_map} maps, so "
+                f"{type(annotator).__name__} needs an estimator (e.g. annotator=depth_dnn)"
+            )
+        self.location, self.local_only = train_data_dir or dataset_name, train_data_dir is not None
+        hf.local_folder(self.location, self.local_only)  # a missing folder fails before the model loads
+        self.dataset_config_name, self.cache_dir = dataset_config_name, cache_dir
+        reads_control = annotator.source_map == "control"
+        self.columns = hf.Columns(image_column, caption_column, conditioning_image_column if reads_control else None)
+        if reads_control and conditioning_image_column is None:
+            raise ValueError(f"{type(annotator).__name__} reads the control from data.conditioning_image_column; set it")
+        self.streaming, self.shuffle_buffer_size = streaming, shuffle_buffer_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self._loaded: dict | None = None
+        self._folder: Path | None = None
+
+    def split_settings(self) -> str:
+        return f" in {self.location} (val_fraction={self.val_fraction}, test_fraction={self.test_fraction})"
+
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) as the trainer runs this process; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _parts(self) -> dict[str, hf.Part | None]:
+        """Where each of our splits comes from: the set's own split, or rows of its train split."""
+        if self._loaded is None:
+            loaded, self._folder = hf.load_splits(
+                self.location, self.local_only, self.dataset_config_name, self.streaming, self.cache_dir
+            )
+            own = {ours: hf.own_split(loaded, ours) for ours in ("train", "val", "test")}
+            if own["train"] is None:
+                raise ValueError(f"{self.location}: no train split among its splits {sorted(loaded)}")
+            for ours, found in own.items():
+                if found is not None:
+                    name, dataset = found
+                    self.columns.check(dataset, f"{self.location} ({name} split)")
+                    own[ours] = hf.Part(self.columns.undecoded(dataset), name)
+            val_fraction = 0.0 if own["val"] else self.val_fraction
+            test_fraction = 0.0 if own["test"] else self.test_fraction
+            carve = self._streamed_parts if self.streaming else self._indexed_parts
+            self._loaded = carve(own, val_fraction, test_fraction)
+        return self._loaded
+
+    def _streamed_parts(self, own: dict, val_fraction: float, test_fraction: float) -> dict:
+        """A split the set lacks: the train rows whose image hashes into its band (`splits.bands`)."""
+        parts = {}
+        for split, (low, high) in bands(val_fraction, test_fraction).items():
+            if split != "train" and own[split] is not None:
+                parts[split] = own[split]
+            elif high > low:
+                train = own["train"]
+                in_band = hf.in_band(self.columns.image, self._folder, low, high)
+                parts[split] = hf.Part(train.dataset.filter(in_band), train.name)
+            else:
+                parts[split] = None
+        return parts
+
+    def _indexed_parts(self, own: dict, val_fraction: float, test_fraction: float) -> dict:
+        """Rows with a usable caption; a split the set lacks takes train rows by `split_records`."""
+        train = own["train"]
+        rows = self._captioned_rows(train)
+        carved = {"train": rows, "val": [], "test": []}
+        if val_fraction or test_fraction:  # identities cost a pass over the images
+            identities = hf.image_identities(train.dataset, self.columns.image, self._folder)
+            carved = split_records(rows, val_fraction, test_fraction, identity=identities.__getitem__)
+        return {
+            split: hf.Part(own[split].dataset, own[split].name, self._captioned_rows(own[split]))
+            if split != "train" and own[split] is not None else hf.Part(train.dataset, train.name, carved[split])
+            for split in ("train", "val", "test")
+        }
+
+    def _captioned_rows(self, part: hf.Part) -> list[int]:
+        """The rows whose caption is usable; the others raise, or are skipped and counted, now."""
+        good = []
+        for row, caption in enumerate(part.dataset[self.columns.caption]):
+            if problem := hf.caption_problem(caption):
+                err = BadSampleError(f"{self.location}: {part.name} row {row}", problem)
+                if self.on_bad_sample == "error":
+                    raise err
+                log.warning("skipping bad sample %s", err)
+            else:
+                good.append(row)
+        if skipped := len(part.dataset) - len(good):
+            log.warning("skipped %d of %d rows of the %s split of %s", skipped, len(part.dataset), part.name, self.location)
+        return good
+
+    def make_dataset(self, split: str, required: bool) -> Dataset:
+        part = self._parts()[split]
+        if part is None or part.rows == []:
+            if required:
+                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+            return ControlDataset([], self.sample_builder(split))
+        decode = hf.RowDecoder(self.columns, self._folder, self.location)
+        if part.rows is not None:
+            return ControlDataset(hf.RowSource(part, decode), self.sample_builder(split), self.on_bad_sample)
+        stream, name = part.dataset, f"{part.name}-stream"
+        if split == "train":
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
+        rank, world_size = self._rank()
+        if world_size > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+            name = f"{name}@rank{rank}"
+        return hf.RowStream(stream, decode, self.sample_builder(split), self.on_bad_sample, name, endless=split == "train")

@@ -29,58 +29,24 @@ MAX_CONSECUTIVE_BAD = 100
 ON_BAD_SAMPLE = ("error", "skip")
 
 
-class ControlDataset(Dataset):
-    """Samples of `source` as tensors: ``image``, ``control``, ``caption``, ``key`` and any of
-    ``depth``, ``labels``, ``scene`` that the source or annotator supplies (see `datamodules`).
+class SampleBuilder:
+    """One raw sample (a dict from a source) to tensors: annotate, transform, drop the caption.
 
-    `train` switches on random augmentation and caption dropout; evaluation samples are a
-    fixed function of the index.
+    `train` switches on random augmentation and caption dropout, drawn from a generator
+    seeded with the `rng_key` of each call; evaluation samples are a fixed function of the
+    sample. A caption given as a list (several per image) contributes one: a random one in
+    training, the first otherwise.
     """
 
-    def __init__(
-        self,
-        source,
-        annotator,
-        transform,
-        *,
-        seed: int = 0,
-        train: bool = False,
-        proportion_empty_prompts: float = 0.0,
-        on_bad_sample: str = "error",
-    ):
+    def __init__(self, annotator, transform, *, seed: int = 0, train: bool = False, proportion_empty_prompts: float = 0.0):
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {on_bad_sample!r}")
-        self.source, self.annotator, self.transform = source, annotator, transform
-        self.seed, self.train = int(seed), train
-        self.proportion_empty_prompts, self.on_bad_sample = float(proportion_empty_prompts), on_bad_sample
-        self.substituted = 0
+        self.annotator, self.transform = annotator, transform
+        self.seed, self.train, self.proportion_empty_prompts = int(seed), train, float(proportion_empty_prompts)
 
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        attempts = min(len(self), MAX_CONSECUTIVE_BAD)
-        for offset in range(attempts):
-            candidate = (index + offset) % len(self)
-            try:
-                return self._build(candidate, epoch)
-            except BadSampleError as err:
-                if self.on_bad_sample == "error":
-                    raise
-                self.substituted += 1
-                log.warning(
-                    "bad sample %s; using the next sample instead (%d substituted in this process)",
-                    err,
-                    self.substituted,
-                )
-        raise RuntimeError(f"{attempts} consecutive bad samples from index {index}; see the warnings above")
-
-    def _build(self, index: int, epoch: int) -> dict:
-        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
-        sample = self.transform(self.annotator.prepare(self.source[index]), rng)
+    def __call__(self, raw: dict, *rng_key: int) -> dict:
+        rng = np.random.default_rng([self.seed, *rng_key]) if self.train else None
+        sample = self.transform(self.annotator.prepare(raw), rng)
         image = sample["image"]
         control = self.annotator(image, sample, rng)
         if control.shape != image.shape or control.dtype != np.uint8:
@@ -89,6 +55,8 @@ class ControlDataset(Dataset):
                 f"the contract is uint8 {image.shape}"
             )
         caption = sample["caption"]
+        if isinstance(caption, list):
+            caption = caption[int(rng.integers(len(caption)))] if rng is not None else caption[0]
         if rng is not None and rng.random() < self.proportion_empty_prompts:
             caption = ""
         item = {
@@ -106,6 +74,48 @@ class ControlDataset(Dataset):
         if "scene" in sample:
             item["scene"] = sample["scene"]
         return item
+
+
+class BadSampleCounter:
+    """The ``on_bad_sample`` policy at load time: raise, or log the sample with a running count
+    (per process: each worker counts its own)."""
+
+    def __init__(self, on_bad_sample: str = "error"):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {on_bad_sample!r}")
+        self.on_bad_sample, self.count = on_bad_sample, 0
+
+    def __call__(self, err: BadSampleError, action: str, counted_as: str) -> None:
+        """Raise `err`, or log it, what is done instead (`action`) and the count so far."""
+        if self.on_bad_sample == "error":
+            raise err
+        self.count += 1
+        log.warning("bad sample %s; %s (%d %s in this process)", err, action, self.count, counted_as)
+
+
+class ControlDataset(Dataset):
+    """Samples of `source` as tensors: ``image``, ``control``, ``caption``, ``key`` and any of
+    ``depth``, ``labels``, ``scene`` that the source or annotator supplies (see `datamodules`),
+    built by `SampleBuilder` with the random key ``(epoch, index)``.
+    """
+
+    def __init__(self, source, build: SampleBuilder, on_bad_sample: str = "error"):
+        self.source, self.build = source, build
+        self.bad_samples = BadSampleCounter(on_bad_sample)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        attempts = min(len(self), MAX_CONSECUTIVE_BAD)
+        for offset in range(attempts):
+            candidate = (index + offset) % len(self)
+            try:
+                return self.build(self.source[candidate], epoch, candidate)
+            except BadSampleError as err:
+                self.bad_samples(err, "using the next sample instead", "substituted")
+        raise RuntimeError(f"{attempts} consecutive bad samples from index {index}; see the warnings above")
 
 
 class EpochSampler(Sampler):

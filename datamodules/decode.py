@@ -18,6 +18,7 @@ arrays (read with ``allow_pickle=False``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,14 +38,17 @@ def probe_image(path: Path) -> tuple[int, int]:
         raise BadSampleError(path, f"not a readable image ({err})") from err
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """The image at `path` as uint8 H×W×3 RGB, converted as the module docstring lists."""
-    image = _load(path)
+def read_rgb(path: Path | BinaryIO, where: object = None) -> np.ndarray:
+    """The image at `path` (a file name or an open binary file, such as a dataset row's bytes)
+    as uint8 H×W×3 RGB, converted as the module docstring lists. Errors name `where`, by
+    default the path."""
+    where = path if where is None else where
+    image = _load(path, where)
     image = ImageOps.exif_transpose(image)
     if image.mode == "F":
-        raise BadSampleError(path, "float-valued images are not supported (unknown range)")
+        raise BadSampleError(where, "float-valued images are not supported (unknown range)")
     if image.mode in _SIXTEEN_BIT_MODES:
-        gray = _to_uint8(np.asarray(image), path)
+        gray = _to_uint8(np.asarray(image), where)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -84,12 +88,12 @@ def normalize_depth(depth: np.ndarray, near_is_larger: bool = True) -> np.ndarra
     return scaled if near_is_larger else 1.0 - scaled
 
 
-def _load(path: Path) -> Image.Image:
+def _load(path: Path | BinaryIO, where: object = None) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decode now, so truncation is reported here and names the file
     except _DECODE_ERRORS as err:
-        raise BadSampleError(path, f"cannot decode image ({err})") from err
+        raise BadSampleError(path if where is None else where, f"cannot decode image ({err})") from err
     return image
 
 

@@ -23,7 +23,6 @@ caption, image header and required map; decoding happens per sample at load time
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.decode import probe_image, read_depth, read_labels, read_rgb
-from datamodules.errors import BadSampleError, EmptySplitError
+from datamodules.errors import BadSampleError
 from datamodules.transforms import fit_to_image
 
 log = logging.getLogger(__name__)
@@ -110,40 +109,6 @@ def index_folder(
     if not good:
         raise ValueError(f"{root}: every one of its {len(records)} samples is bad")
     return good
-
-
-def _position(record: Record) -> float:
-    """Where a sample's key hashes to in [0, 1): its split does not move as files are added."""
-    return int(hashlib.sha1(record.key.encode()).hexdigest()[:8], 16) / 16**8
-
-
-def split_records(records: list[Record], val_fraction: float, test_fraction: float) -> dict[str, list[Record]]:
-    """Assign each sample to train/val/test by a hash of its key: stable as files are added.
-
-    A split with a positive share (train always) gets at least one sample: in a small folder
-    the hash can leave one empty, and then the sample nearest its band moves over from the
-    largest split. Too few samples for that is an `EmptySplitError`.
-    """
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val_fraction}, {test_fraction}")
-    val_end = test_fraction + val_fraction
-    bands = {"test": (0.0, test_fraction), "val": (test_fraction, val_end), "train": (val_end, 1.0)}
-    splits = {name: [r for r in records if low <= _position(r) < high] for name, (low, high) in bands.items()}
-    wanted = [name for name, (low, high) in bands.items() if high > low]
-    if len(records) < len(wanted):
-        raise EmptySplitError(
-            f"{len(records)} sample(s) cannot fill the {', '.join(wanted)} splits "
-            f"(val_fraction={val_fraction}, test_fraction={test_fraction}): add samples"
-        )
-    for name in wanted:
-        if not splits[name]:
-            low, high = bands[name]
-            donor = max(splits.values(), key=len)
-            nearest = min(donor, key=lambda r: max(low - _position(r), _position(r) - high))
-            donor.remove(nearest)
-            splits[name].append(nearest)
-            log.info("the %s split was empty; it takes %s", name, nearest.key)
-    return {name: splits[name] for name in ("train", "val", "test")}
 
 
 class FolderSource:

@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     method = instantiate_checked(cfg.method, "method")
     check_method_fits(method, config_folder(cfg.model.path, cfg.model.get("config")))
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, "data")
     trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False
     )

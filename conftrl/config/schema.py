@@ -28,12 +28,13 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, FilePath, TypeAdapter, ValidationError, create_model, model_validator
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conftrl.diffusion.loading import config_folder, single_file_problems, tokenizer_problems
 from conftrl.diffusion.objective import TIMESTEP_SAMPLINGS
 from conftrl.diffusion.sampling import SAMPLERS
+from conftrl.evaluation.measure import paired_prompts
 
 # diffusers' Stable Diffusion pipelines need image sides divisible by 8, whatever the VAE.
 PIPELINE_MULTIPLE = 8
@@ -77,6 +78,19 @@ class Loss(BaseModel):
     timesteps: Literal[tuple(TIMESTEP_SAMPLINGS)]  # type: ignore[valid-type]
 
 
+class Validation(BaseModel):
+    """`validation`: the chosen items of the sample grids (`paired_prompts` pairs them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: Optional[list[FilePath]] = None
+    prompts: Optional[list[str]] = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Validation:
+        paired_prompts(self.images, self.prompts)
+        return self
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` listing every mistake of the training config `cfg`."""
     errors = [f"{key}: missing value (set it on the command line: {key}=...)" for key in _missing_keys(cfg)]
@@ -84,6 +98,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError("\n".join(errors))
     errors += _model_errors(Sampling, cfg.sampling, "sampling")
     errors += _model_errors(Loss, cfg.loss, "loss")
+    errors += _model_errors(Validation, cfg.validation, "validation")
     for key, node in _target_nodes(cfg):
         errors += _target_errors(node, key)
     errors += _model_path_errors(cfg)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conftrl.control.inputs import control_from_file
 from conftrl.metrics import energy_summary
 from conftrl.utils.images import image_grid, to_uint8
 
@@ -19,7 +20,8 @@ Scorer = Callable[[np.ndarray, dict], dict[str, float]]
 
 
 def first_items(batches: Iterable[dict], count: int) -> dict:
-    """The first `count` samples of a dataloader as one batch dict (fixed across a run)."""
+    """The first `count` samples of a dataloader as one batch dict (fixed across a run); empty
+    when the dataloader yields nothing (a streamed split can turn out empty)."""
     taken, seen = [], 0
     for batch in batches:
         taken.append(batch)
@@ -27,10 +29,40 @@ def first_items(batches: Iterable[dict], count: int) -> dict:
         if seen >= count:
             break
     merged = {}
-    for key in taken[0]:
+    for key in taken[0] if taken else ():
         values = [b[key] for b in taken]
         merged[key] = torch.cat(values)[:count] if isinstance(values[0], torch.Tensor) else sum(values, [])[:count]
     return merged
+
+
+def paired_prompts(images: list[str] | None, prompts: list[str] | None) -> list[tuple[str, str]]:
+    """(image, prompt) pairs, paired as diffusers' ControlNet script pairs `--validation_image`
+    and `--validation_prompt`: as many of each, one image for every prompt, or one prompt for
+    every image. Neither given: no pairs."""
+    if images is None and prompts is None:
+        return []
+    if not images or not prompts:
+        raise ValueError("validation.images and validation.prompts go together: set both, or neither")
+    if len(images) == len(prompts):
+        return list(zip(images, prompts))
+    if len(images) == 1:
+        return [(images[0], prompt) for prompt in prompts]
+    if len(prompts) == 1:
+        return [(image, prompts[0]) for image in images]
+    raise ValueError(
+        f"{len(images)} validation.images and {len(prompts)} validation.prompts: give one image for all "
+        "prompts, one prompt for all images, or as many of each"
+    )
+
+
+def chosen_items(images: list[str], prompts: list[str], annotator, resolution: int) -> dict:
+    """Chosen validation items as a batch dict (``control``, ``caption``): each image is
+    annotated as `conftrl.generate` annotates its control image (a photo becomes its control,
+    a control image is used as given), and resized and centre-cropped to `resolution`.
+    Raises `datamodules.BadSampleError` naming a file that is missing or unreadable."""
+    pairs = paired_prompts(images, prompts)
+    controls = {path: control_from_file(path, annotator, resolution) for path in dict.fromkeys(images)}
+    return {"control": torch.cat([controls[image] for image, _ in pairs]), "caption": [prompt for _, prompt in pairs]}
 
 
 def _chunks(items: dict, size: int):

@@ -48,7 +48,7 @@ ADAPTER_TARGETS = frozenset({
     "datamodules.annotators.SegmentationAnnotator", "datamodules.annotators.PrecomputedControl",
     "datamodules.annotators.DnnDepthEstimator", "datamodules.annotators.TransformersDepthEstimator",
     "datamodules.annotators.TransformersSegmentationEstimator",
-    "datamodules.FolderDataModule", "datamodules.ShapesWorldDataModule",
+    "datamodules.FolderDataModule", "datamodules.HFDataModule", "datamodules.ShapesWorldDataModule",
 })
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 import torch
 from annotated_types import Ge
@@ -20,8 +20,9 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from conftrl.evaluation.measure import fidelity, first_items, mean_scores, sample_grid
+from conftrl.evaluation.measure import chosen_items, fidelity, first_items, mean_scores, paired_prompts, sample_grid
 from conftrl.evaluation.scorers import FIDELITY_SCORERS, FidelityUnavailable, estimator_of, fidelity_scorer
 from conftrl.metrics import energy_summary, layer_energies, layer_weights, rotation_stats
 from conftrl.utils.images import save_png
@@ -50,18 +51,43 @@ def _share(count: int, trainer: Trainer) -> slice:
 
 
 class SampleGrid(Callback):
-    """Each row: a validation control, then one sample per seed for its caption."""
+    """Each row: a validation control, then one sample per seed for its caption.
 
-    def __init__(self, num_rows: Annotated[int, Ge(1)], seeds: list[int], sampling: dict, output_dir: str):
+    The rows are the first `num_rows` validation items, or the chosen `images` (control
+    images or photos, annotated as `conftrl.generate` does) paired with `prompts` as
+    `paired_prompts` says; chosen files are read when fitting starts, so a bad one stops the
+    run before its first step.
+    """
+
+    def __init__(
+        self, num_rows: Annotated[int, Ge(1)], seeds: list[int], sampling: dict, output_dir: str,
+        images: Optional[list[str]] = None, prompts: Optional[list[str]] = None,
+    ):
+        paired_prompts(images, prompts)  # a pairing that cannot be made fails here
         self.num_rows, self.seeds, self.sampling = num_rows, list(seeds), dict(sampling)
+        self.images, self.prompts = images, prompts
         self.output_dir = Path(output_dir)
         self.rows: dict | None = None
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        if self.images is not None:
+            self._rows(trainer)
+
+    def _rows(self, trainer: Trainer) -> dict:
+        if self.rows is None:
+            data = trainer.datamodule
+            self.rows = (
+                first_items(data.val_dataloader(), self.num_rows) if self.images is None
+                else chosen_items(self.images, self.prompts, data.annotator, data.resolution)
+            )
+        return self.rows
 
     def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
         if _skip(trainer):
             return
-        if self.rows is None:
-            self.rows = first_items(trainer.datamodule.val_dataloader(), self.num_rows)
+        if not self._rows(trainer):
+            rank_zero_warn("the validation split yielded no samples: no sample grid")
+            return
         grid = sample_grid(partial(module.sample, **self.sampling), self.rows, self.seeds)
         save_png(grid, self.output_dir / f"step_{trainer.global_step:06d}.png")
         for logger in trainer.loggers:
@@ -101,12 +127,15 @@ class ControlFidelity(Callback):
         # Every rank sees the same items and estimator, so every rank skips or scores alike.
         if trainer.sanity_checking or self.skipped or (self.score is None and not self._prepare(trainer)):
             return
-        share = _share(len(self.items["caption"]), trainer)
+        share = _share(len(self.items.get("caption", ())), trainer)  # a streamed split can yield nothing
         mine = {key: value[share] for key, value in self.items.items()}
-        count = len(mine["caption"])
+        count = len(mine.get("caption", ()))
         sample = partial(module.sample, **self.sampling)
         scores = fidelity(sample, mine, self.score, self.batch_size, first_index=share.start) if count else {}
         shares = [(scores, count) for scores, count in _from_every_rank((scores, count)) if count]
+        if not shares:
+            rank_zero_warn("the validation split yielded no samples: no control fidelity")
+            return
         for name, value in mean_scores([scores for scores, _ in shares], [count for _, count in shares]).items():
             module.log(f"val/{name}", value)
 

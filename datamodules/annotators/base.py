@@ -37,7 +37,8 @@ class Annotator:
 class MapAnnotator(Annotator):
     """Draws the control from a map that the dataset supplies or, failing that, an estimator computes.
 
-    Estimator outputs are cached in `cache_dir` (if given) when the sample comes from a file.
+    Estimator outputs are cached in `cache_dir` (if given) when the sample comes from a file
+    (``path``) or from encoded bytes (``encoded``, a dataset row's image).
     """
 
     def __init__(self, estimator=None, cache_dir: str | None = None):
@@ -57,8 +58,9 @@ class MapAnnotator(Annotator):
         def estimate() -> np.ndarray:
             return self.estimator(sample["image"])
 
-        if self.cache is not None and "path" in sample:
-            estimated = self.cache.get_or_compute(sample["path"], self.estimator.cache_params, estimate)
+        source = sample.get("path", sample.get("encoded"))  # a file, or a dataset row's image bytes
+        if self.cache is not None and source is not None:
+            estimated = self.cache.get_or_compute(source, self.estimator.cache_params, estimate)
         else:
             estimated = estimate()
         return sample | {self.source_map: estimated}

@@ -38,3 +38,4 @@ def edge_alignment(edges: np.ndarray, labels: np.ndarray, tolerance: float = 2.0
     precision = (to_boundary[edges > 0] <= tolerance).mean()
     recall = (to_edge[boundary] <= tolerance).mean()
     return float(precision), float(recall)
+

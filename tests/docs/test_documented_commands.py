@@ -5,9 +5,10 @@ run there in the order a reader meets them, so a `generate` after a `train` uses
 adapter. The only additions are the quick suffixes docs/training.md documents ("Trying a
 command quickly"), and paths a user would have are replaced by stand-ins built here: an
 SD-1.5-shaped model with tiny widths (also as one original-layout file, read with its own
-configs in place of SD 1.5's), a fill50k-layout folder, a folder of photos, a depth ONNX model,
-a control image, and the time stamp of the newest run. A command added to the
-docs is tested from then on; one that cannot run here must be listed in NOT_RUN with why.
+configs in place of SD 1.5's), a fill50k-layout folder, a folder of real photos, a parquet
+`datasets` set of them, a depth ONNX model, a control image, and the time stamp of the newest
+run. A command added to the docs is tested from then on; one that cannot run here must be
+listed in NOT_RUN with why.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from support.data_sets import write_parquet_set, write_photo_folder
 from support.docs_commands import REPO, Command, documented_commands
 from support.original_layout import save_original_checkpoint
 from support.wandb_files import wandb_runs
@@ -42,6 +44,7 @@ NOT_RUN = {
     "make demo": "installs, then serves `python -m conftrl.demo`, which runs here",
     "make install": "installs into the repository's .venv, which CI's `make test` does first",
     "wandb sync": "uploads to W&B's servers: needs a network and an account",
+    "python -m conftrl.train data=hf data.dataset_name=fusing/fill50k": "downloads a dataset from the Hugging Face hub: needs a network",
     "python benchmarks/table2.py": "hours of training; tests/benchmarks/test_table2.py runs it on a tiny budget",
     "python benchmarks/train_step.py": "builds SD-1.5- and SDXL-sized models; tests/benchmarks/test_train_step.py runs it on tiny ones",
     "python benchmarks/recompute.py": "builds SD-1.5-sized models; tests/benchmarks/test_recompute.py runs it on tiny ones",
@@ -104,6 +107,7 @@ def stand_ins(tmp_path_factory) -> dict[str, str | list[str]]:
         text_layers=1, max_tokens=16,
     ))
     single_file = save_original_checkpoint(sd15, root / "sd15.safetensors")
+    fill50k = fill50k_folder(root / "fill50k")
     return {
         "model.path=/models/sd15": f"model.path={sd15}",
         "model.path=/models/sdxl": f"model.path={sdxl}",
@@ -111,8 +115,10 @@ def stand_ins(tmp_path_factory) -> dict[str, str | list[str]]:
         "model.path=/models/sd15.safetensors": [f"model.path={single_file}", f"model.config={sd15}"],
         "model.tokenizer=/models/sd15/tokenizer": f"model.tokenizer={sd15 / 'tokenizer'}",
         "model.path=...": f"model.path={sd15}",
-        "data.root=/data/fill50k": f"data.root={fill50k_folder(root / 'fill50k')}",
-        "data.root=/photos": f"data.root={photo_folder(root / 'photos')}",
+        "data.root=/data/fill50k": f"data.root={fill50k}",
+        "data.train_data_dir=/data/fill50k": f"data.train_data_dir={fill50k}",
+        "data.root=/photos": f"data.root={write_photo_folder(root / 'photos')}",
+        "data.dataset_name=/data/photos-parquet": f"data.dataset_name={write_parquet_set(root / 'photos-parquet')}",
         "annotator.estimator.path=/models/midas.onnx": f"annotator.estimator.path={depth_onnx(root / 'midas.onnx')}",
     }
 
@@ -126,17 +132,6 @@ def fill50k_folder(root: Path, count: int = 24) -> Path:
         cv2.imwrite(str(_parent(root / "source" / f"{i}.png")), source)
         lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": "a red circle"}))
     (root / "prompt.json").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def photo_folder(root: Path, count: int = 24) -> Path:
-    """Images of mixed sizes with a caption file each (the `txt` layout)."""
-    for i in range(count):
-        rng = np.random.default_rng(i)
-        height, width = int(rng.integers(80, 140)), int(rng.integers(80, 140))
-        image = cv2.GaussianBlur(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), (9, 9), 3)
-        cv2.imwrite(str(_parent(root / f"photo_{i}.jpg")), image)
-        (root / f"photo_{i}.txt").write_text("a photo\n")
     return root
 
 
