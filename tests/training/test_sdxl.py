@@ -25,7 +25,7 @@ from conftrl.oft.layer import OFTLayer
 from conftrl.training.adapter import load_adapter
 from conftrl.training.methods import LoRAMethod, OFTMethod
 from conftrl.training.module import ControlModule
-from datamodules.dataset import ControlDataset, collate
+from datamodules.dataset import ControlDataset, SampleBuilder, collate
 from datamodules.transforms import PairedTransform
 
 PROMPTS = ["a red circle", "two blue squares on a gray background"]
@@ -91,7 +91,7 @@ def test_the_size_conditioning_is_what_the_crop_did(tiny_sdxl):
     shapes = [(32, 90), (70, 32), (32, 45), (50, 32)]  # shorter side 32: cropped, not resized
     source = [{"image": coordinate_image(*shape), "caption": "a red circle", "key": str(i)} for i, shape in enumerate(shapes)]
     annotator = type("Identity", (), {"prepare": staticmethod(lambda s: s), "__call__": lambda self, image, *a: image})()
-    dataset = ControlDataset(source, annotator, PairedTransform(32, "random", flip_probability=0.5), seed=3, train=True)
+    dataset = ControlDataset(source, SampleBuilder(annotator, PairedTransform(32, "random", flip_probability=0.5), seed=3, train=True))
     items = [dataset[(i, 0)] for i in range(len(shapes))]
     batch = collate(items)
 
