@@ -1,12 +1,19 @@
 """Load the frozen parts of a text-to-image model from a local diffusers folder, or from one
-safetensors file in the original (CompVis) key layout read with a diffusers config folder."""
+safetensors file in the original key layout (CompVis's; SDXL's own for SDXL) read with a
+diffusers config folder."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from conftrl.diffusion.base import DiffusionBase
@@ -23,6 +30,8 @@ REQUIRED_FILES = {
 }
 # A tokenizer's vocabulary: what a folder must hold besides its settings to tokenize.
 TOKENIZER_VOCABULARY = ("tokenizer.json", "vocab.json")
+# The tokenizer folders of a pipeline (SD has the first only): what a single file does not carry.
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 # Single files are read only as safetensors: a .ckpt is a pickle, which can run code.
 SINGLE_FILE_SUFFIX = ".safetensors"
 
@@ -65,24 +74,38 @@ def single_file_problems(path: Path, config: str | Path | None) -> list[str]:
                 "(a .ckpt is a pickle, which is never loaded); convert it, or give a diffusers folder"]  # fmt: skip
     if config is None:
         return [f"model.config: a single-file checkpoint ({str(path)!r}) needs the diffusers config folder of its "
-                "architecture (model=sd15 and model=sd21 set it)"]  # fmt: skip
+                "architecture (model=sd15, model=sd21 and model=sdxl set it)"]  # fmt: skip
     try:
-        check_model_folder(config, without=("tokenizer",))
+        check_model_folder(config, without=TOKENIZERS)
     except ModelFolderError as error:
         return [f"model.config: {error}"]
     return []
 
 
+def tokenizer_folders(config: str | Path, tokenizer: str | Path | None) -> dict[str, Path]:
+    """Each tokenizer a single file is read with, by its pipeline name: SD's is the folder
+    `tokenizer`; SDXL's two are the tokenizer/ and tokenizer_2/ inside it, since one key names
+    both (their padding differs). Unset: those of the config folder."""
+    config = Path(config).expanduser()
+    if is_sdxl_folder(config):
+        root = Path(tokenizer).expanduser() if tokenizer is not None else config
+        return {name: root / name for name in TOKENIZERS}
+    return {"tokenizer": Path(tokenizer).expanduser() if tokenizer is not None else config / "tokenizer"}
+
+
 def tokenizer_problems(config: str | Path, tokenizer: str | Path | None) -> list[str]:
-    """What keeps the tokenizer folder `tokenizer` (None: the config folder's own) from
+    """What keeps the tokenizer folders of `tokenizer` (None: the config folder's own) from
     tokenizing: a vocabulary, which a single-file checkpoint does not carry."""
-    vocabulary = Path(tokenizer) if tokenizer is not None else Path(config) / "tokenizer"
-    if not any((vocabulary / name).is_file() for name in TOKENIZER_VOCABULARY):
-        key = "model.tokenizer" if tokenizer is not None else "model.tokenizer (unset)"
-        return [f"{key}: {str(vocabulary)!r} holds no tokenizer vocabulary ({' or '.join(TOKENIZER_VOCABULARY)}); "
-                "a single-file checkpoint carries none, so set model.tokenizer=<folder> to the tokenizer/ folder of "
-                "the model's diffusers copy, or of openai/clip-vit-large-patch14 for SD 1.x"]  # fmt: skip
-    return []
+    key = "model.tokenizer" if tokenizer is not None else "model.tokenizer (unset)"
+    sdxl = is_sdxl_folder(Path(config).expanduser())
+    expected = ("the folder of the model's diffusers copy, which holds tokenizer/ and tokenizer_2/" if sdxl else
+                "the tokenizer/ folder of the model's diffusers copy, or of openai/clip-vit-large-patch14 for SD 1.x")  # fmt: skip
+    return [
+        f"{key}: {str(vocabulary)!r} holds no tokenizer vocabulary ({' or '.join(TOKENIZER_VOCABULARY)}); "
+        f"a single-file checkpoint carries none, so set model.tokenizer=<folder> to {expected}"
+        for vocabulary in tokenizer_folders(config, tokenizer).values()
+        if not any((vocabulary / name).is_file() for name in TOKENIZER_VOCABULARY)
+    ]
 
 
 def config_folder(path: str | Path, config: str | Path | None = None) -> Path:
@@ -107,21 +130,28 @@ def _check_single_file(path: Path, config: str | Path | None) -> Path:
 
 def _load_single_file(path: Path, config: str | Path | None, tokenizer: str | Path | None) -> DiffusionBase:
     """The pipeline's modules from an original-layout file, as diffusers converts them, with the
-    component configs of `config` and the tokenizer of `tokenizer` (or of `config`); offline."""
+    component configs of `config` and the tokenizers of `tokenizer` (or of `config`); offline."""
     config = _check_single_file(path, config)
     if problems := tokenizer_problems(config, tokenizer):
         raise ModelFolderError("\n".join(problems))
-    vocabulary = Path(tokenizer).expanduser() if tokenizer is not None else config / "tokenizer"
-    tokenizer_loaded = _load(vocabulary.name, vocabulary.parent, AutoTokenizer.from_pretrained)
-    scheduler = _load("scheduler", config, DDPMScheduler.from_pretrained)
+    components = {
+        name: _load(folder.name, folder.parent, AutoTokenizer.from_pretrained)
+        for name, folder in tokenizer_folders(config, tokenizer).items()
+    }
+    components["scheduler"] = _load("scheduler", config, DDPMScheduler.from_pretrained)
+    if sdxl := is_sdxl_folder(config):
+        pipeline, options = StableDiffusionXLPipeline, {"add_watermarker": False}
+    else:
+        pipeline = StableDiffusionPipeline
+        options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, tokenizer=tokenizer_loaded, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        pipe = pipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, **components, **options
         )  # fmt: skip
     except Exception as error:  # a file of another architecture, truncated, or not a checkpoint
         raise ModelFolderError(f"cannot load {str(path)!r} with the configs of {str(config)!r}: {error}") from error
-    return DiffusionBase(path, pipe.unet, pipe.vae, pipe.text_encoder, tokenizer_loaded, scheduler, config)
+    options = {"force_zeros_for_empty_prompt": empty_prompt_is_zeros(config)} if sdxl else {}
+    return assemble_base(path, {**pipe.components, "config": config}, **options)
 
 
 # Each component's subfolder and loader; SDXL's folder adds a second text encoder and tokenizer.
@@ -142,12 +172,10 @@ def load_base(path: str | Path, config: str | Path | None = None, tokenizer: str
     """Load and freeze UNet, VAE, text encoder, tokenizer and noise scheduler from the diffusers
     folder `path` (and an SDXL folder's second text encoder and tokenizer: its UNet config says
     which it is), or from the single file `path` with the config folder `config` (and the
-    tokenizer folder `tokenizer`, where `config` has no vocabulary)."""
+    tokenizers of `tokenizer`, where `config` has no vocabulary: `tokenizer_folders`)."""
     path = Path(path).expanduser()
     if path.is_file():
-        base = _load_single_file(path, config, tokenizer)
-        base.freeze()
-        return base
+        return _load_single_file(path, config, tokenizer)
     path = check_model_folder(path)
     sdxl = is_sdxl_folder(path)
     loaders = {**COMPONENTS, **(SDXL_COMPONENTS if sdxl else {})}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -95,6 +95,9 @@ class TinySDXLSpec(TinySpec):
 
     size_embed_dim: int = 8  # each size id's sinusoidal embedding (SDXL: 256)
     deepest_transformer_layers: int = 2  # transformer layers of the lowest-resolution blocks (SDXL: 10)
+    # The second encoder's width, when it differs from the first's as in SDXL (1280 and 768):
+    # diffusers' single-file loader tells the two encoders of a file apart by their widths.
+    text_hidden_2: int | None = None
 
 
 def _text_encoder(spec: TinySpec, tokenizer: CLIPTokenizer, kind=CLIPTextModel):
@@ -177,15 +180,16 @@ def build_tiny_sdxl_pipeline(spec: TinySDXLSpec = TinySDXLSpec(), seed: int = 0)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(spec.words, spec.max_tokens)
     text_encoder = _text_encoder(spec, tokenizer)
-    text_encoder_2 = _text_encoder(spec, tokenizer, CLIPTextModelWithProjection)
+    second = replace(spec, text_hidden=spec.text_hidden_2 or spec.text_hidden)
+    text_encoder_2 = _text_encoder(second, tokenizer, CLIPTextModelWithProjection)
     n_unet = len(spec.unet_channels)
     unet = _unet(
-        spec, ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1), 2 * spec.text_hidden,
+        spec, ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1), spec.text_hidden + second.text_hidden,
         transformer_layers_per_block=(1,) * (n_unet - 1) + (spec.deepest_transformer_layers,),
         use_linear_projection=True,
         addition_embed_type=ADDITION_EMBED_TYPE,
         addition_time_embed_dim=spec.size_embed_dim,
-        projection_class_embeddings_input_dim=SIZE_IDS * spec.size_embed_dim + spec.text_hidden,
+        projection_class_embeddings_input_dim=SIZE_IDS * spec.size_embed_dim + second.text_hidden,
     )
     return StableDiffusionXLPipeline(
         vae=_vae(spec, scaling_factor=SDXL_VAE_SCALING),

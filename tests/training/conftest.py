@@ -24,10 +24,11 @@ TEST_SPEC = TinySpec(
     resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32), norm_groups=8,
     text_hidden=32, text_layers=1, max_tokens=16,  # ShapesWorld's captions fit 16 tokens
 )
-# The same sizes in SDXL's architecture: two text encoders, size conditioning, three down blocks.
+# The same sizes in SDXL's architecture: two text encoders (of different widths, as SDXL's),
+# size conditioning, three down blocks.
 TEST_SDXL_SPEC = TinySDXLSpec(
     resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32, 32), norm_groups=8,
-    text_hidden=32, text_layers=1, max_tokens=16,
+    text_hidden=32, text_hidden_2=48, text_layers=1, max_tokens=16,
 )
 FAST = [
     "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
