@@ -7,14 +7,21 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_command
-from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from conftrl.cli.train import train
-from conftrl.diffusion import load_unet
+from conftrl.diffusion import SDXLBase, load_unet
+from conftrl.diffusion.conditioning import SizeConditions
 from conftrl.training.adapter import AdapterError, load_adapter
 from conftrl.training.merged import export_merged
 
 PROMPTS = ["a red circle on a gray background", "a blue square"]
+QUICK = ["trainer.max_steps=1", "data.num_train=2", "callbacks.control_fidelity.num_images=1"]
 
 
 def _control(resolution: int = 32) -> torch.Tensor:
@@ -33,8 +40,8 @@ def _same_samples(adapter_dir, merged_dir) -> None:
     assert difference.max() <= 1 and difference.mean() < 0.05
 
 
-def _stock_text_to_image(merged_dir) -> np.ndarray:
-    pipe = StableDiffusionPipeline.from_pretrained(merged_dir, local_files_only=True)
+def _stock_text_to_image(merged_dir, pipeline=StableDiffusionPipeline) -> np.ndarray:
+    pipe = pipeline.from_pretrained(merged_dir, local_files_only=True)
     return pipe(PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
 
@@ -57,8 +64,7 @@ def test_a_coft_adapter_merged_loads_in_stock_diffusers_and_back_in_conftrl(trai
 
 @pytest.mark.parametrize("experiment", ["canny_lora", "canny_full", "canny_controlnet"])
 def test_other_methods_merge_too(make_config, tmp_path, experiment):
-    quick = ["trainer.max_steps=1", "data.num_train=2", "callbacks.control_fidelity.num_images=1"]
-    train(make_config(f"experiment={experiment}", *quick))
+    train(make_config(f"experiment={experiment}", *QUICK))
     merged_dir = tmp_path / "merged"
     export_merged(load_adapter(tmp_path / "adapter"), merged_dir)
     assert np.isfinite(_stock_text_to_image(merged_dir)).all()
@@ -67,6 +73,34 @@ def test_other_methods_merge_too(make_config, tmp_path, experiment):
         pipe = StableDiffusionControlNetPipeline.from_pretrained(merged_dir, local_files_only=True)
         images = pipe(PROMPTS[0], image=_control()[:1], num_inference_steps=2, height=32, width=32, output_type="np")
         assert images.images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("experiment", ["canny_coft", "canny_lora", "canny_controlnet"])
+def test_an_sdxl_adapter_merges_into_a_complete_sdxl_folder(tiny_sdxl, make_config, tmp_path, experiment):
+    sdxl = ["model=sdxl", f"model.path={tiny_sdxl}", "model.gradient_checkpointing=false"]
+    train(make_config(f"experiment={experiment}", *sdxl, *QUICK))
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    export_merged(load_adapter(adapter_dir), merged_dir)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (merged_dir / part).is_dir(), part
+    images = _stock_text_to_image(merged_dir, StableDiffusionXLPipeline)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    # The stock SDXL UNet, given SDXL's added conditioning, is the adapted one.
+    adapter, stock = load_adapter(adapter_dir), StableDiffusionXLPipeline.from_pretrained(merged_dir).unet
+    conditioning = adapter.base.condition(PROMPTS[:1], SizeConditions(torch.tensor([[32, 48]]), torch.tensor([[0, 8]]), (32, 32)))
+    latents = torch.randn(1, stock.config.in_channels, 8, 8)
+    with torch.no_grad():
+        expected = adapter.base.unet(latents, 5, **conditioning.unet_kwargs()).sample
+        torch.testing.assert_close(stock(latents, 5, **conditioning.unet_kwargs()).sample, expected, rtol=1e-4, atol=1e-5)
+        plain = load_unet(tiny_sdxl)(latents, 5, **conditioning.unet_kwargs()).sample
+    # What was trained is in the UNet's weights; the ControlNet baseline leaves the UNet as it was.
+    assert ((plain - expected).abs().max() > 0) == (experiment != "canny_controlnet")
+    assert isinstance(load_adapter(merged_dir).base, SDXLBase)
+    _same_samples(adapter_dir, merged_dir)
+    if experiment == "canny_controlnet":
+        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(merged_dir, local_files_only=True)
+        images = pipe(PROMPTS[0], image=_control()[:1], num_inference_steps=2, height=32, width=32, output_type="np")
+        assert images.images.shape == (1, 32, 32, 3) and np.isfinite(images.images).all()
 
 
 def test_export_replaces_an_export_and_refuses_any_other_folder(trained_run, tmp_path):
