@@ -104,7 +104,7 @@ def stand_ins(tmp_path_factory) -> dict[str, str | list[str]]:
     ))
     sdxl = save_tiny_pipeline(root / "sdxl", TinySDXLSpec(
         resolution=64, vae_channels=(8, 8, 8, 8), unet_channels=(16, 32, 32), norm_groups=8, text_hidden=32,
-        text_layers=1, max_tokens=16,
+        text_hidden_2=48, text_layers=1, max_tokens=16,
     ))
     single_file = save_original_checkpoint(sd15, root / "sd15.safetensors")
     fill50k = fill50k_folder(root / "fill50k")
@@ -114,6 +114,10 @@ def stand_ins(tmp_path_factory) -> dict[str, str | list[str]]:
         # The stand-in's widths are not SD 1.5's: its own configs replace the shipped ones.
         "model.path=/models/sd15.safetensors": [f"model.path={single_file}", f"model.config={sd15}"],
         "model.tokenizer=/models/sd15/tokenizer": f"model.tokenizer={sd15 / 'tokenizer'}",
+        "model.path=/models/sdxl.safetensors": [
+            f"model.path={save_original_checkpoint(sdxl, root / 'sdxl.safetensors')}", f"model.config={sdxl}",
+        ],
+        "model.tokenizer=/models/sdxl": f"model.tokenizer={sdxl}",
         "model.path=...": f"model.path={sd15}",
         "data.root=/data/fill50k": f"data.root={fill50k}",
         "data.train_data_dir=/data/fill50k": f"data.train_data_dir={fill50k}",
