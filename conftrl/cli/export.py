@@ -2,8 +2,8 @@
 
     python -m conftrl.export adapter=outputs/canny_coft/runs/<time>/adapter merged=<folder>
 
-A stock `StableDiffusionPipeline.from_pretrained(<folder>)` generates from text with the merged
-UNet; conftrl's commands take the folder as an adapter (`conftrl.training.merged`).
+A stock `StableDiffusionPipeline.from_pretrained(<folder>)` (for SDXL `StableDiffusionXLPipeline`)
+generates from text with the merged UNet; conftrl's commands take the folder as an adapter (`conftrl.training.merged`).
 """
 
 from __future__ import annotations

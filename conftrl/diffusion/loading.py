@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -150,6 +151,12 @@ def _load_single_file(path: Path, config: str | Path | None, tokenizer: str | Pa
         )  # fmt: skip
     except Exception as error:  # a file of another architecture, truncated, or not a checkpoint
         raise ModelFolderError(f"cannot load {str(path)!r} with the configs of {str(config)!r}: {error}") from error
+    # diffusers tells a file's text encoders apart by their widths and leaves one it cannot
+    # place without weights (on the meta device) instead of failing.
+    if unfilled := [name for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)
+                    and any(weight.is_meta for weight in part.parameters())]:  # fmt: skip
+        raise ModelFolderError(f"cannot load {str(path)!r} with the configs of {str(config)!r}: no weights for "
+                               f"{', '.join(unfilled)} (SDXL's two text encoders must differ in width)")  # fmt: skip
     options = {"force_zeros_for_empty_prompt": empty_prompt_is_zeros(config)} if sdxl else {}
     return assemble_base(path, {**pipe.components, "config": config}, **options)
 

@@ -1,10 +1,12 @@
 """A merged export: the adapter folded into its base, written as a complete diffusers folder.
 
     <merged>/
-      model_index.json, unet/ (rotations or LoRA merged in), vae/, text_encoder/, tokenizer/,
-      scheduler/          the run's sampler: a stock StableDiffusionPipeline loads and samples it
+      model_index.json, unet/ (rotations or LoRA merged in), vae/, text_encoder/, tokenizer/
+      (SDXL: text_encoder_2/, tokenizer_2/ too),
+      scheduler/          the run's sampler: a stock StableDiffusionPipeline (SDXL:
+                          StableDiffusionXLPipeline) loads and samples it
       controlnet/         the ControlNet baseline's, listed in model_index.json, so a stock
-                          StableDiffusionControlNetPipeline loads it
+                          StableDiffusion(XL)ControlNetPipeline loads it
       control_encoder/    the paper's control encoder (diffusers format), which only conftrl runs
       conftrl.yaml        the adapter's config with no base of its own: the folder is its own
                           base, so `load_adapter` (generate, evaluate) loads it as an adapter;

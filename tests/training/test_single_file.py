@@ -4,10 +4,11 @@ offline with a diffusers config folder: the same model as the diffusers folder i
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TEST_SDXL_SPEC, compose_config
 from support.original_layout import save_original_checkpoint
 
 from conftrl.cli.train import train
@@ -15,6 +16,7 @@ from conftrl.config import ASSETS
 from conftrl.config.schema import ConfigError
 from conftrl.diffusion import ModelFolderError, SDXLBase, load_base, load_unet
 from conftrl.diffusion.conditioning import SizeConditions
+from conftrl.diffusion.tiny import save_tiny_pipeline
 from conftrl.training.adapter import load_adapter
 
 # Published sizes of SD 1.5, SD 2.1 and SDXL base per component: the shipped configs build them.
@@ -154,3 +156,11 @@ def test_an_sdxl_single_file_without_both_tokenizers_is_a_config_mistake(sdxl_fi
 def test_an_sd_file_read_with_sdxl_configs_names_the_file_and_its_configs(single_file, tiny_sdxl):
     with pytest.raises(ModelFolderError, match=f"cannot load '{single_file}' with the configs of '{tiny_sdxl}'"):
         load_base(single_file, config=tiny_sdxl)
+
+
+def test_an_sdxl_file_whose_encoders_cannot_be_told_apart_is_refused(tmp_path):
+    """diffusers places a file's encoders by width; one it cannot place must not load unfilled."""
+    folder = save_tiny_pipeline(tmp_path / "same-widths", replace(TEST_SDXL_SPEC, text_hidden_2=None))
+    file = save_original_checkpoint(folder, tmp_path / "same-widths.safetensors")
+    with pytest.raises(ModelFolderError, match="no weights for text_encoder_2 .*differ in width"):
+        load_base(file, config=folder)
