@@ -18,6 +18,7 @@ from conftrl.oft import serialization
 from conftrl.oft.config import OFTConfig
 from conftrl.oft.layer import OFTLayer, wrap
 from conftrl.oft.legacy import seed_keeps_layer
+from conftrl.utils.names import named_modules
 
 # Targets used when `target_modules` is None, per architecture class name.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -131,7 +132,7 @@ class OFTModel(nn.Module):
 
     def _target_names(self, config: OFTConfig) -> list[str]:
         targets = self.resolve_targets(config)
-        candidates = [(n, m) for n, m in self.model.named_modules() if n and not _inside_wrapper(n)]
+        candidates = [(n, m) for n, m in named_modules(self.model) if n and not _inside_wrapper(n)]
         if targets == "all-linear":
             output_layer = _output_layer_name(self.model)
             names = [n for n, m in candidates if _is_linear(m) and n != output_layer]
@@ -169,7 +170,7 @@ class OFTModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def _add_module_to_save(self, key: str, adapter_name: str) -> None:
-        matches = [n for n, _ in self.model.named_modules() if n and name_matches(n, [key]) and not _inside_wrapper(n)]
+        matches = [n for n, _ in named_modules(self.model) if n and name_matches(n, [key]) and not _inside_wrapper(n)]
         if not matches:
             raise ValueError(f"modules_to_save entry {key!r} matched no module")
         for name in matches:
@@ -182,12 +183,12 @@ class OFTModel(nn.Module):
     # --- adapter management -----------------------------------------------------------------
 
     def oft_layers(self) -> Iterator[tuple[str, OFTLayer]]:
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             if isinstance(module, OFTLayer):
                 yield name, module
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             if isinstance(module, ModulesToSave):
                 yield name, module
 

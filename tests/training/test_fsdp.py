@@ -1,0 +1,43 @@
+"""FSDP (`trainer=fsdp`) over two CPU processes: what the watchers and the adapter export read
+under FSDP equals what they read unsharded. Lightning's FSDPStrategy runs on GPUs only, so the
+module is sharded with torch's FSDP directly, as conf/trainer/fsdp.yaml asks Lightning to
+(tests/training/fsdp_worker.py); `bash benchmarks/gpu.sh fsdp` trains through Lightning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_command
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def read_both_ways(tiny_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    run_command("torch.distributed.run", "--nproc-per-node", "2", str(WORKER), str(tiny_base), str(out), cwd=out)
+    return out
+
+
+def test_gathered_weights_rotations_and_samples_equal_the_unsharded_module(read_both_ways):
+    unsharded, sharded = (torch.load(read_both_ways / f"{name}.pt", weights_only=True) for name in ("unsharded", "sharded"))
+    assert sharded["weights"].keys() == unsharded["weights"].keys() and len(sharded["weights"]) > 10
+    for name, weight in unsharded["weights"].items():
+        torch.testing.assert_close(sharded["weights"][name], weight, rtol=0, atol=0, msg=name)
+    assert sharded["stats"] == unsharded["stats"] and unsharded["stats"]["rotation_dev_max"] > 0.01
+    torch.testing.assert_close(sharded["images"], unsharded["images"], rtol=0, atol=1)
+
+
+@pytest.mark.parametrize("part", ["unet/adapter_model.safetensors", "control_encoder/diffusion_pytorch_model.safetensors"])
+def test_adapter_exported_under_fsdp_equals_the_unsharded_export(read_both_ways, part):
+    unsharded = load_file(read_both_ways / "adapter_unsharded" / part)
+    sharded = load_file(read_both_ways / "adapter_sharded" / part)
+    assert sharded.keys() == unsharded.keys()  # the model's own paths, no FSDP wrapper in them
+    for key, tensor in unsharded.items():
+        torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=0, msg=key)
+    config = "unet/adapter_config.json"
+    assert (read_both_ways / "adapter_sharded" / config).read_text() == (read_both_ways / "adapter_unsharded" / config).read_text()
+
