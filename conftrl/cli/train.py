@@ -26,6 +26,7 @@ from conftrl.training.adapter import INPUT_ERRORS, export_adapter
 from conftrl.training.checkpoints import CheckpointError, resume_path
 from conftrl.training.loggers import finish_wandb_run, keep_wandb_files_in_run_dir
 from conftrl.training.module import CheckpointMismatchError
+from conftrl.training.sharding import whole_weights
 from conftrl.utils.atomic import DiskFullError
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         trainer.validate(module, datamodule=datamodule)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        if trainer.is_global_zero:
-            path = export_adapter(module, cfg, cfg.export_dir)
-            log.info("adapter written to %s", path)
+        with whole_weights(trainer.strategy.model):  # under FSDP every rank gathers, rank 0 writes
+            if trainer.is_global_zero:
+                path = export_adapter(module, cfg, cfg.export_dir)
+                log.info("adapter written to %s", path)
     finally:
         finish_wandb_run(trainer)
     return metrics

@@ -154,15 +154,20 @@ def check_method_fits(method: Any, folder: str | Path) -> None:
 
 
 def check_strategy_complete(trainer: Any) -> None:
-    """Refuse FSDP over several processes: the sample grid, the energy monitor and the adapter
-    export read whole weights in rank 0 alone, where FSDP leaves each rank a shard; they would
-    hang or export a shard instead of failing."""
+    """Refuse the EMA callback under FSDP over several processes: each rank's average holds
+    only the shard of the trainable weights that rank keeps, and checkpoints would keep rank
+    0's alone. The watchers and the adapter export gather FSDP's shards (`whole_weights`)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+    from conftrl.training.callbacks import EMA
+
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1 and any(
+        isinstance(callback, EMA) for callback in trainer.callbacks
+    ):
         raise ConfigError(
-            f"trainer=fsdp over {trainer.world_size} processes: the watchers and the adapter export do not "
-            "gather FSDP's shards yet (docs/scaling.md, FSDP); use trainer=ddp, or fsdp on one GPU"
+            f"trainer=fsdp over {trainer.world_size} processes with callbacks.ema: the average would keep "
+            "each rank's shard of the weights and checkpoint rank 0's alone (docs/scaling.md, FSDP); "
+            "leave ema out, or use trainer=ddp"
         )
 
 

@@ -34,6 +34,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from conftrl.utils.names import named_modules, unwrapped_name
+
 
 @runtime_checkable
 class MergedWeightLayer(Protocol):
@@ -152,10 +154,10 @@ def layer_weights(
         if merged or (peft_layer is not None and isinstance(module, peft_layer)):
             base = module.base_layer
             if isinstance(module, layer_types) or isinstance(base, layer_types):
-                weights[path] = module.get_merged_weight() if merged else _peft_effective_weight(module)
+                weights[unwrapped_name(path)] = module.get_merged_weight() if merged else _peft_effective_weight(module)
             return None
         if isinstance(module, layer_types) and getattr(module, "weight", None) is not None:
-            weights[path] = module.weight
+            weights[unwrapped_name(path)] = module.weight
         for name, child in module.named_children():
             visit(child, f"{path}.{name}" if path else name)
         return None
@@ -178,7 +180,7 @@ def layer_groups(model: nn.Module, names: list[str]) -> dict[str, str]:
     ``time_embedding.linear_1``). Self- and cross-attention are kept apart because their
     ``to_k``/``to_v`` read different inputs (image tokens vs. text embeddings).
     """
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))
 
     def is_repeated_block(parts: list[str], cut: int) -> bool:
         if not parts[cut - 1].isdigit():

@@ -4,6 +4,9 @@ The watchers act at the end of each validation (cadence: `trainer.val_check_inte
 the module, and never change what trains. Sampling uses its own seeded generators. Under data
 parallelism the fidelity images and the energy's layers are shared out over the ranks and the
 results pooled, so every rank logs the number one process would; grids come from rank 0.
+Under FSDP (`trainer=fsdp`) each rank holds a shard of the weights: the watchers read them
+inside `whole_weights`, every rank taking part, and since FSDP's forward passes are
+collectives too, every rank samples the grid and every fidelity image (rank 0 saves the grid).
 `EMA` is the exception that says so: it averages the trainable weights.
 """
 
@@ -25,13 +28,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from conftrl.evaluation.measure import chosen_items, fidelity, first_items, mean_scores, paired_prompts, sample_grid
 from conftrl.evaluation.scorers import FIDELITY_SCORERS, FidelityUnavailable, estimator_of, fidelity_scorer
 from conftrl.metrics import energy_summary, layer_energies, layer_weights, rotation_stats
+from conftrl.training.sharding import is_sharded, whole_weights
 from conftrl.utils.images import save_png
 
 log = logging.getLogger(__name__)
-
-
-def _skip(trainer: Trainer) -> bool:
-    return trainer.sanity_checking or not trainer.is_global_zero
 
 
 def _from_every_rank(value) -> list:
@@ -83,12 +83,16 @@ class SampleGrid(Callback):
         return self.rows
 
     def on_validation_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
-        if _skip(trainer):
+        model = trainer.strategy.model
+        if trainer.sanity_checking or not (trainer.is_global_zero or is_sharded(model)):
             return
         if not self._rows(trainer):
             rank_zero_warn("the validation split yielded no samples: no sample grid")
             return
-        grid = sample_grid(partial(module.sample, **self.sampling), self.rows, self.seeds)
+        with whole_weights(model):
+            grid = sample_grid(partial(module.sample, **self.sampling), self.rows, self.seeds)
+        if not trainer.is_global_zero:
+            return
         save_png(grid, self.output_dir / f"step_{trainer.global_step:06d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -127,12 +131,16 @@ class ControlFidelity(Callback):
         # Every rank sees the same items and estimator, so every rank skips or scores alike.
         if trainer.sanity_checking or self.skipped or (self.score is None and not self._prepare(trainer)):
             return
-        share = _share(len(self.items.get("caption", ())), trainer)  # a streamed split can yield nothing
+        model = trainer.strategy.model
+        total = len(self.items.get("caption", ()))  # a streamed split can yield nothing
+        share = slice(0, total) if is_sharded(model) else _share(total, trainer)
         mine = {key: value[share] for key, value in self.items.items()}
         count = len(mine.get("caption", ()))
         sample = partial(module.sample, **self.sampling)
-        scores = fidelity(sample, mine, self.score, self.batch_size, first_index=share.start) if count else {}
-        shares = [(scores, count) for scores, count in _from_every_rank((scores, count)) if count]
+        with whole_weights(model):
+            scores = fidelity(sample, mine, self.score, self.batch_size, first_index=share.start) if count else {}
+        every_rank = [(scores, count)] if is_sharded(model) else _from_every_rank((scores, count))
+        shares = [(scores, count) for scores, count in every_rank if count]
         if not shares:
             rank_zero_warn("the validation split yielded no samples: no control fidelity")
             return
@@ -151,8 +159,9 @@ class EnergyMonitor(Callback):
     @staticmethod
     def _energies(trainer: Trainer, module: LightningModule) -> dict[str, float]:
         """Each layer's energy, every rank measuring a share of the layers."""
-        names = list(layer_weights(module.unet))
-        shares = _from_every_rank(layer_energies(module.unet, names=names[_share(len(names), trainer)]))
+        with whole_weights(trainer.strategy.model):
+            names = list(layer_weights(module.unet))
+            shares = _from_every_rank(layer_energies(module.unet, names=names[_share(len(names), trainer)]))
         pooled = {name: energy for share in shares for name, energy in share.items()}
         return {name: pooled[name] for name in names if name in pooled}  # one order: the same sums
 
@@ -164,7 +173,9 @@ class EnergyMonitor(Callback):
         if trainer.sanity_checking or self.reference is None:
             return
         summary = energy_summary(module.unet, reference=self.reference, per_layer=self._energies(trainer, module))
-        values = {**summary.log_dict("he"), **{f"oft/{k}": v for k, v in rotation_stats(module.unet).items()}}
+        with whole_weights(trainer.strategy.model):
+            rotations = rotation_stats(module.unet)
+        values = {**summary.log_dict("he"), **{f"oft/{k}": v for k, v in rotations.items()}}
         for name, value in values.items():
             module.log(name, value)
 

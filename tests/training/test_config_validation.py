@@ -17,6 +17,7 @@ from conftrl.cli import train as train_command
 from conftrl.cli.train import train
 from conftrl.config import config_dir
 from conftrl.config.schema import ConfigError, check_strategy_complete, validate_train_config
+from conftrl.training.callbacks import EMA, EnergyMonitor, SampleGrid
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 
@@ -123,11 +124,13 @@ def test_generate_and_evaluate_name_a_sampling_mistake_before_loading_the_adapte
     assert "steps=0: Input should be greater than or equal to 1" in done.stderr
 
 
-def test_fsdp_over_several_processes_is_refused_with_the_reason(compose_train, tmp_path):
+def test_fsdp_over_several_processes_refuses_only_ema_with_the_reason(compose_train, tmp_path):
     """Lightning runs FSDP on GPUs only, so the strategy the config builds is checked as it is."""
     strategy = instantiate(compose_train(["experiment=canny_coft", "trainer=fsdp"], tmp_path).trainer.strategy)
     assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"]
-    check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=1))
-    check_strategy_complete(SimpleNamespace(strategy=DDPStrategy(), world_size=8))
-    with pytest.raises(ConfigError, match="trainer=fsdp over 8 processes: .* do not gather FSDP's shards"):
-        check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=8))
+    watchers = [SampleGrid(1, [0], {}, str(tmp_path)), EnergyMonitor()]
+    check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=8, callbacks=watchers))
+    check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=1, callbacks=[*watchers, EMA()]))
+    check_strategy_complete(SimpleNamespace(strategy=DDPStrategy(), world_size=8, callbacks=[*watchers, EMA()]))
+    with pytest.raises(ConfigError, match="trainer=fsdp over 8 processes with callbacks.ema: .* each rank's shard"):
+        check_strategy_complete(SimpleNamespace(strategy=strategy, world_size=8, callbacks=[*watchers, EMA()]))
