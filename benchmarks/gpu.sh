@@ -2,10 +2,10 @@
 # The GPU measurements on a machine without network: the train-step benchmark on SD 1.5 at
 # 512 px under bf16 autocast, one OFT layer at SD 1.5's shapes under bf16 against PEFT, the
 # train step of the 100 M-parameter SD-shaped UNet, SD 1.5's checkpointed step recomputing the
-# Cayley blocks against keeping them, then a 4-step run of the embedded base under
-# trainer=fsdp on one GPU (FSDP is GPU only). About 6 minutes on one H100; each run has
-# a time limit (under 9 minutes in all), and results are written as they come, so a run cut
-# short keeps what it measured.
+# Cayley blocks against keeping them, then 4-step runs of the embedded base under
+# trainer=fsdp (FSDP is GPU only) on one GPU and, on a machine with two, over two GPUs, each
+# checked for its adapter. About 7 minutes on one H100; each run has a time limit, and results
+# are written as they come, so a run cut short keeps what it measured.
 #
 # `bash benchmarks/gpu.sh sdxl` runs instead SDXL's train step at 1024 px, batch 4, gradient
 # checkpointing and bf16 autocast: peak memory and time of the control encoder alone, OFT, COFT
@@ -48,10 +48,18 @@ for section in ${*:-sd15 oft_layers sd100m recompute fsdp}; do
     recompute)
         timeout 50 "$PYTHON" benchmarks/recompute.py --model sd15 --batch 16 --device cuda --dtype bf16 --repeats 3 \
             --modes recompute keep --out "$RESULTS/recompute_sd15_bf16.json" || echo "recompute ended early (status $?)" ;;
-    fsdp)  # One GPU: conftrl.train refuses FSDP over several until the watchers gather its shards.
-        timeout 60 "$PYTHON" -m conftrl.train experiment=canny_coft trainer=fsdp trainer.devices=1 \
-            trainer.max_steps=4 trainer.val_check_interval=2 logger=csv hydra.run.dir="$RESULTS/fsdp_run" \
-            > "$RESULTS/fsdp_run.txt" 2>&1 || echo "fsdp run ended early (status $?)" ;;
+    fsdp)  # 4 steps of trainer=fsdp on one GPU, then over two when there are two; each must write its adapter.
+        gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+        for devices in 1 2; do
+            [ "$devices" -le "$gpus" ] || { echo "fsdp on $devices GPUs skipped: $gpus GPU(s)"; continue; }
+            dir="$RESULTS/fsdp_${devices}gpu"
+            timeout 150 "$PYTHON" -m torch.distributed.run --nproc-per-node "$devices" -m conftrl.train \
+                experiment=canny_coft trainer=fsdp trainer.devices="$devices" trainer.max_steps=4 \
+                trainer.val_check_interval=2 logger=csv hydra.run.dir="$dir" > "$dir.txt" 2>&1 \
+                || echo "fsdp on $devices GPU(s) ended early (status $?)"
+            if [ -f "$dir/adapter/conftrl.yaml" ]; then echo "fsdp on $devices GPU(s): adapter written"
+            else echo "fsdp on $devices GPU(s): no adapter"; fi
+        done ;;
     sdxl) run 280 sdxl_bf16 --models sdxl --methods floor oft coft controlnet --repeats 3 --warmup 1 ;;
     *) echo "unknown section $section (sd15, oft_layers, sd100m, recompute, fsdp, sdxl)" >&2; exit 2 ;;
     esac
