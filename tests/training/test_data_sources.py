@@ -120,11 +120,12 @@ def test_a_stream_under_two_process_ddp_gives_each_rank_its_own_rows(tiny_base, 
 
 def test_a_validation_split_that_yields_nothing_leaves_out_grids_and_fidelity(tmp_path):
     """A streamed split carved by hash can turn out empty: the run goes on without them."""
+    module = SimpleNamespace(sample=lambda *args, **kwargs: pytest.fail("sampled"), log=lambda *args: pytest.fail("logged"))
     trainer = SimpleNamespace(
         sanity_checking=False, is_global_zero=True, global_rank=0, world_size=1, global_step=2, loggers=[],
         datamodule=SimpleNamespace(val_dataloader=lambda: iter(()), annotator=CannyAnnotator()),
+        strategy=SimpleNamespace(model=module),
     )
-    module = SimpleNamespace(sample=lambda *args, **kwargs: pytest.fail("sampled"), log=lambda *args: pytest.fail("logged"))
     for callback, what in ((SampleGrid(2, [0], {}, str(tmp_path / "samples")), "no sample grid"),
                            (ControlFidelity("edge_f1", 2, 2, {}), "no control fidelity")):
         with pytest.warns(UserWarning, match=what):
