@@ -112,6 +112,17 @@ def test_the_command_prints_the_mistake_without_a_traceback(tmp_path):
     assert time.time() - started < 60  # imports included; the check itself takes well under a second
 
 
+@pytest.mark.parametrize(
+    ("command", "given", "required"),
+    [("conftrl.export", [], "adapter"), ("conftrl.export", ["merged=out"], "adapter"), ("conftrl.generate", [], "adapter")],
+)
+def test_a_required_key_left_out_is_named_in_one_line(tmp_path, command, given, required):
+    done = subprocess.run([sys.executable, "-m", command, *given], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert f"{command}: {required} is required ({required}=...; --help lists the keys)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("command", ["conftrl.generate", "conftrl.evaluate"])
 def test_generate_and_evaluate_name_a_sampling_mistake_before_loading_the_adapter(tmp_path, command):
     required = ["control=edges.png", "prompt=x"] if command == "conftrl.generate" else []
