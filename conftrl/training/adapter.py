@@ -21,7 +21,7 @@ import torch
 import yaml
 from hydra.errors import HydraException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conftrl.control import EncoderControl, load_control_path
@@ -61,19 +61,32 @@ MOVED_TARGETS = {
 }
 
 
-def _current_targets(node, where: str):
-    """(where, target) of every `_target_` in a nest of dicts and lists, each moved class
-    renamed in place to where it lives now."""
+def _targets(node, where: str):
+    """(where, target) of every `_target_` in a nest of dicts and lists."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "_target_":
-                node[key] = MOVED_TARGETS.get(value, value)
-                yield where, node[key]
+                yield where, value
             else:
-                yield from _current_targets(value, f"{where}.{key}")
+                yield from _targets(value, f"{where}.{key}")
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            yield from _current_targets(value, f"{where}[{index}]")
+            yield from _targets(value, f"{where}[{index}]")
+
+
+def _rename_moved_classes(node) -> None:
+    """Each `_target_` in `node` (a config) that names a class under its former name, renamed
+    to where the class lives now. Interpolations are left as written: `check_targets` checks
+    what they resolve to."""
+    if not isinstance(node, DictConfig | ListConfig):
+        return
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        if OmegaConf.is_interpolation(node, key):
+            continue
+        if key == "_target_" and isinstance(node[key], str) and node[key] in MOVED_TARGETS:
+            node[key] = MOVED_TARGETS[node[key]]
+        else:
+            _rename_moved_classes(node[key])
 
 
 # The sections of an adapter's config that are instantiated: the method when loading, the
@@ -90,8 +103,8 @@ FORMER_OPTIMISER_KEYS = {
 
 
 def in_current_form(config: DictConfig) -> DictConfig:
-    """An adapter's recorded config with the keys that moved since it was written where they
-    are now, so that old adapters load and read as new ones."""
+    """An adapter's recorded config with the keys and classes that moved since it was written
+    where they are now, so that old adapters load and read as new ones."""
     if "annotator" not in config and FORMER_ANNOTATOR_KEY in config:
         config.annotator = config[FORMER_ANNOTATOR_KEY]
     method = config.get("method")
@@ -101,6 +114,8 @@ def in_current_form(config: DictConfig) -> DictConfig:
                 if OmegaConf.select(config, f"module.{current}") is None:
                     OmegaConf.update(config, f"module.{current}", method[former])
                 del method[former]
+    for key in RECORDED_OBJECTS:
+        _rename_moved_classes(config.get(key))
     return config
 
 
@@ -118,13 +133,13 @@ def read_adapter_config(path: str | Path) -> DictConfig:
 
 def check_targets(config: DictConfig, source: str | Path) -> dict:
     """The resolved config (a target cannot hide in `${...}`) if every `_target_` in its
-    `RECORDED_OBJECTS` is one of `ADAPTER_TARGETS` (under its current name); otherwise
+    `RECORDED_OBJECTS` is one of `ADAPTER_TARGETS`; otherwise
     `AdapterError` naming the file and the target."""
     resolved = OmegaConf.to_container(config, resolve=True)
     if not isinstance(resolved, dict):
         raise AdapterError(f"{source}: not a mapping of settings")
     for key in RECORDED_OBJECTS:
-        for where, target in _current_targets(resolved.get(key), key):
+        for where, target in _targets(resolved.get(key), key):
             if target not in ADAPTER_TARGETS:
                 raise AdapterError(
                     f"{source}: {where}._target_ is {target!r}, which is not one of conftrl's classes; "
