@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import compose_config, run_command
+from support.training_runs import compose_config, run_command
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 

@@ -13,7 +13,7 @@ import cv2
 import datasets
 import numpy as np
 import pytest
-from conftest import FAST, compose_config, run_command
+from support.training_runs import FAST, compose_config, run_command
 from support.data_sets import PHOTOS, photo_dataset, write_parquet_set, write_photo_folder, write_saved_set
 
 from conftrl.cli.train import train

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, run_command
+from support.training_runs import FAST, run_command
 from hydra.utils import instantiate
 from support.wandb_files import wandb_records
 

@@ -11,7 +11,7 @@ import cv2
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from support.training_runs import compose_config
 from omegaconf import OmegaConf
 
 from conftrl.cli.evaluate import evaluate

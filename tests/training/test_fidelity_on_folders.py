@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose_config
+from support.training_runs import FAST, compose_config
 from hydra.utils import instantiate
 from support.estimators import save_brightness_onnx, save_transformers_estimators
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_command
+from support.training_runs import run_command
 from lightning.pytorch import strategies
 from PIL import Image
 from safetensors.torch import load_file

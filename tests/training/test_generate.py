@@ -9,7 +9,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import compose_config
+from support.training_runs import compose_config
 
 from conftrl.cli.generate import generate
 from conftrl.control.inputs import should_annotate

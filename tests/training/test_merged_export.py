@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_command
+from support.training_runs import run_command
 from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
@@ -127,7 +127,7 @@ def test_the_command_writes_the_folder_and_reports_a_refusal_in_one_line(trained
 
 
 def test_evaluating_a_merged_export_measures_the_energy_against_the_base_it_was_merged_into(trained_run, tmp_path):
-    from conftest import compose_config
+    from support.training_runs import compose_config
 
     from conftrl.cli.evaluate import evaluate
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from support.training_runs import FAST
 from lightning.pytorch.utilities import rank_zero_only
 from support.wandb_files import wandb_records
 

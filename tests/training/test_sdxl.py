@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose_config
+from support.training_runs import FAST, compose_config
 from diffusers.models.attention import BasicTransformerBlock
 
 from conftrl.cli.evaluate import evaluate

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import TEST_SDXL_SPEC, compose_config
+from support.training_runs import TEST_SDXL_SPEC, compose_config
 from support.original_layout import save_original_checkpoint
 
 from conftrl.cli.train import train

@@ -150,7 +150,7 @@ def test_a_two_image_folder_trains_and_validates(tiny_base, tmp_path):
     exit 0 and export the untrained adapter. Now one trains, one validates."""
     import cv2
     import numpy as np
-    from conftest import FAST, compose_config
+    from support.training_runs import FAST, compose_config
 
     data = tmp_path / "data"
     data.mkdir()
