@@ -88,6 +88,9 @@ class ControlDataModule(L.LightningDataModule):
         """The settings that sized the splits, for messages."""
         return ""
 
+    def empty_split_error(self, split: str) -> EmptySplitError:
+        return EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+
     def sample_builder(self, split: str) -> SampleBuilder:
         """The pipeline of `split`: augmentation and caption dropout in training only."""
         train = split == "train"
@@ -103,16 +106,17 @@ class ControlDataModule(L.LightningDataModule):
         """The dataset of `split`; a `required` one must hold samples."""
         source = self.make_source(split)
         if len(source) == 0 and required:
-            raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+            raise self.empty_split_error(split)
         return ControlDataset(source, self.sample_builder(split), self.on_bad_sample)
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets of `stage`. Its own split (train to fit, val to validate, test to
-        test) must hold samples; fit's validation split is empty only when configured so."""
+        """Build the datasets of `stage`. The train split must hold samples. A val or test
+        split may be empty (configured so, e.g. `val_fraction=0`): Lightning then skips its
+        loop, also in the processes ddp_spawn starts for a run's final validation. A command
+        that reads one split says when it is empty (`conftrl.evaluate`)."""
         for split in _STAGE_SPLITS[stage]:
             if split not in self.datasets:
-                required = stage is not None and split == _STAGE_SPLITS[stage][0]
-                self.datasets[split] = self.make_dataset(split, required)
+                self.datasets[split] = self.make_dataset(split, required=split == "train")
 
     def train_dataloader(self) -> DataLoader:
         """Resumable: Lightning checkpoints how many batches of the epoch this process has
@@ -356,7 +360,7 @@ class HFDataModule(ControlDataModule):
         part = self._parts()[split]
         if part is None or part.rows == []:
             if required:
-                raise EmptySplitError(f"{type(self).__name__}: the {split} split is empty{self.split_settings()}")
+                raise self.empty_split_error(split)
             return ControlDataset([], self.sample_builder(split))
         decode = hf.RowDecoder(self.columns, self._folder, self.location)
         if part.rows is not None:

@@ -18,7 +18,10 @@ def split_items(datamodule, split: str, count: int) -> dict:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     datamodule.setup("validate" if split == "val" else "test")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-    return first_items(loader, count)
+    items = first_items(loader, count)
+    if not items:
+        raise datamodule.empty_split_error(split)
+    return items
 
 
 def fidelity_table(scores: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict]:

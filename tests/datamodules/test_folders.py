@@ -9,6 +9,7 @@ import pytest
 import torch
 from datamodules_support import make_photo, write_rgb
 
+from conftrl.evaluation.report import split_items
 from datamodules import BadSampleError, EmptySplitError, FolderDataModule
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl, SegmentationAnnotator
 
@@ -285,8 +286,13 @@ def test_too_few_images_for_the_asked_splits_is_a_clear_error(tmp_path):
         split_sizes(small_folder(tmp_path, 2), test_fraction=0.1)
 
 
-def test_a_stage_whose_split_is_empty_is_an_error(tmp_path):
-    """`conftrl.evaluate split=test` of a run without a test split."""
-    datamodule = FolderDataModule(CannyAnnotator(), str(small_folder(tmp_path, 4)), resolution=8)
+def test_an_empty_split_is_a_loop_to_skip_for_lightning_and_an_error_for_evaluate(tmp_path):
+    """`val_fraction=0` validates nothing, also in a fresh process's `validate` stage (a
+    ddp_spawn run's final validation); `conftrl.evaluate split=test` of a run without a test
+    split names the split and the settings."""
+    folder = str(small_folder(tmp_path, 4))
+    datamodule = FolderDataModule(CannyAnnotator(), folder, resolution=8, val_fraction=0.0, batch_size=2)
+    datamodule.setup("validate")
+    assert list(datamodule.val_dataloader()) == []
     with pytest.raises(EmptySplitError, match=f"the test split is empty in {tmp_path} .*test_fraction=0.0"):
-        datamodule.setup("test")
+        split_items(FolderDataModule(CannyAnnotator(), folder, resolution=8), "test", 2)

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from support.data_sets import write_photo_folder
 from support.training_runs import FAST, run_command
 from hydra.utils import instantiate
 from support.wandb_files import wandb_records
@@ -46,6 +47,21 @@ def test_two_process_ddp_keeps_the_replicas_identical(tiny_base, tmp_path):
     assert len(runs) == 1  # one W&B run, which the workers logged into
     (records,) = runs.values()
     assert any(r.WhichOneof("record_type") == "history" for r in records)
+
+
+@pytest.mark.slow
+def test_spawned_ranks_without_a_validation_split_train_and_export(tiny_base, tmp_path):
+    """`data.val_fraction=0` asks for no validation. Under ddp_spawn the final validation runs
+    in new processes whose datamodule never set up fit: it must find no validation there
+    either, and the run end with its adapter."""
+    photos, run_dir = write_photo_folder(tmp_path / "photos"), tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith(("data.num_", "trainer.val_check", "logger="))]
+    run_command(
+        "conftrl.train", "experiment=canny_coft", "trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"model.path={tiny_base}", *overrides, "data=folder", f"data.root={photos}", "data.val_fraction=0",
+        "data.num_workers=0", "data.batch_size=1", "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )
+    assert load_adapter(run_dir / "adapter").control.encoder is not None
 
 
 @pytest.mark.parametrize("method", ["coft", "lora", "full", "controlnet"])
