@@ -19,6 +19,7 @@ from conftrl.diffusion.conditioning import Conditioning
 from conftrl.metrics import layer_energies
 from conftrl.training.adapter import load_adapter
 from conftrl.training.callbacks import EnergyMonitor
+from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import ControlModule
 
 
@@ -61,7 +62,10 @@ def test_spawned_ranks_without_a_validation_split_train_and_export(tiny_base, tm
         f"model.path={tiny_base}", *overrides, "data=folder", f"data.root={photos}", "data.val_fraction=0",
         "data.num_workers=0", "data.batch_size=1", "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )
-    assert load_adapter(run_dir / "adapter").control.encoder is not None
+    rows = logged_metrics(run_dir)
+    assert sorted(row["step"] for row in rows if "train/loss" in row) == [0, 1]
+    assert not any(key.startswith("val/") for row in rows for key in row)  # nothing was validated
+    assert load_adapter(run_dir / "adapter").control.encoder.out.weight.abs().sum() > 0  # trained, exported
 
 
 @pytest.mark.parametrize("method", ["coft", "lora", "full", "controlnet"])
