@@ -56,7 +56,6 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     return cfg
 
 
-
 # Far above the slowest command the tests run, so that a hang fails with its output.
 COMMAND_TIMEOUT_S = 600
 
