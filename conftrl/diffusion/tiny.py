@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import string
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from conftrl.diffusion.sdxl import ADDITION_EMBED_TYPE, SDXL_VAE_SCALING, SIZE_IDS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
 
 # Words of captions about simple scenes; any other lowercase word still tokenizes into
 # sub-words because every character is in the vocabulary.
@@ -63,25 +65,48 @@ class TinySpec:
     words: tuple[str, ...] = field(default=DEFAULT_WORDS)
 
 
+def learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges, most frequent pair first, until every word is one token.
+
+    Written here instead of using `tokenizers`' `BpeTrainer`, which breaks ties between equally
+    frequent pairs in hash order: each process would learn the merges in another order and give
+    the same words other ids. Ties go to the alphabetically first pair, so the merges depend on
+    `words` alone."""
+    pieces = [[*word[:-1], word[-1] + END_OF_WORD] for word in dict.fromkeys(words)]
+    merges = []
+    while pairs := Counter(pair for piece in pieces for pair in zip(piece, piece[1:])):
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        pieces = [_merge(piece, best) for piece in pieces]
+    return merges
+
+
+def _merge(piece: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(piece):
+        if tuple(piece[i : i + 2]) == pair:
+            merged.append(piece[i] + piece[i + 1])
+            i += 2
+        else:
+            merged.append(piece[i])
+            i += 1
+    return merged
+
+
 def build_tokenizer(words: tuple[str, ...], max_tokens: int) -> CLIPTokenizer:
-    """A small BPE tokenizer with CLIP's special tokens, trained on `words` offline."""
-    bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
+    """A small BPE tokenizer with CLIP's special tokens that keeps each of `words` whole; any
+    other word splits into sub-words, down to single characters."""
+    alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
+    merges = learn_merges(words)
+    tokens = [BOS, EOS, *alphabet, *(char + END_OF_WORD for char in alphabet), *(a + b for a, b in merges)]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=EOS, end_of_word_suffix=END_OF_WORD))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
-    alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
-    trainer = trainers.BpeTrainer(
-        vocab_size=len(alphabet) * 2 + len(words) * 4,
-        special_tokens=[BOS, EOS],
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    # Single characters as words give every character an end-of-word token too.
-    bpe.train_from_iterator([*words, *alphabet], trainer)
+    bpe.decoder = decoders.BPEDecoder(suffix=END_OF_WORD)
+    bpe.add_special_tokens([BOS, EOS])
     bpe.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}",
-        special_tokens=[(BOS, bpe.token_to_id(BOS)), (EOS, bpe.token_to_id(EOS))],
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
     return CLIPTokenizer(tokenizer_object=bpe, model_max_length=max_tokens)
 

@@ -4,7 +4,6 @@ generates offline, and an interrupted run resumes to exactly the weights of an u
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,9 +45,6 @@ def test_run_writes_a_loadable_pipeline_and_a_record(finished_run):
 
 def test_interrupted_run_resumes_to_the_same_weights(finished_run, pretrain_config, tmp_path):
     out, record = finished_run
-    # The tokenizer is part of a run's state (tiny.build_tokenizer does not assign the same ids
-    # twice); this run starts with the reference run's, as a resumed run starts with its own.
-    shutil.copytree(out / "tokenizer", tmp_path / "tokenizer")
     # Stop after 2 steps of each invocation: inside the VAE stage, across the stage boundary
     # and inside the text-to-image stage, each time from a fresh process state.
     records = [pretrain(pretrain_config(tmp_path, "max_steps_per_run=2")) for _ in range(3)]
@@ -81,7 +77,6 @@ def test_killed_command_resumes_to_the_same_weights(finished_run, tiny_overrides
     """The real thing: `python -m conftrl.pretrain` SIGKILLed inside the text-to-image stage
     (possibly mid-write), then the same command again."""
     out, _ = finished_run
-    shutil.copytree(out / "tokenizer", tmp_path / "tokenizer")
     command = [sys.executable, "-m", "conftrl.pretrain", *tiny_overrides, f"output_dir={tmp_path}"]
     record = tmp_path / "pretrain_record.json"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 from transformers import AutoTokenizer, CLIPTokenizer
 
 from conftrl.diffusion import ModelFolderError, load_base
+from conftrl.diffusion.tiny import DEFAULT_WORDS, build_tokenizer, learn_merges
+
+BUILD_AND_PRINT_VOCAB = (
+    "import json; from conftrl.diffusion.tiny import DEFAULT_WORDS, build_tokenizer; "
+    "print(json.dumps(build_tokenizer(DEFAULT_WORDS, 16).get_vocab(), sort_keys=True))"
+)
 
 
 def test_tiny_base_loads_with_every_component(tiny_base):
@@ -24,6 +34,26 @@ def test_tokenizer_loads_and_knows_the_caption_words(tiny_base, loader):
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.unk_token_id not in ids[1:-1]
     assert len(ids) == 9  # one token per word
+
+
+def test_the_built_tokenizer_is_the_same_in_every_process():
+    # Hash-ordered tie-breaking (tokenizers' BpeTrainer) gave each process other ids.
+    vocabs = {subprocess.run([sys.executable, "-c", BUILD_AND_PRINT_VOCAB], capture_output=True, text=True,
+                             check=True).stdout for _ in range(3)}
+    assert len(vocabs) == 1 and build_tokenizer(DEFAULT_WORDS, 16).get_vocab() == json.loads(vocabs.pop())
+
+
+def test_the_built_tokenizer_keeps_every_word_whole_and_splits_others():
+    tokenizer = build_tokenizer(DEFAULT_WORDS, 16)
+    assert all(len(tokenizer(word).input_ids) == 3 for word in DEFAULT_WORDS)
+    pieces = tokenizer.tokenize("zebra squares!")
+    assert pieces[-2:] == ["squares</w>", "!</w>"] and "".join(pieces[:-2]) == "zebra</w>"
+    assert tokenizer.unk_token_id not in tokenizer("zebra squares!").input_ids[1:-1]
+
+
+def test_merges_go_to_the_most_frequent_pair_and_ties_alphabetically():
+    assert learn_merges(("ab", "cb", "ab")) == [("a", "b</w>"), ("c", "b</w>")]
+    assert learn_merges(("xyz", "wyz")) == [("y", "z</w>"), ("w", "yz</w>"), ("x", "yz</w>")]
 
 
 def test_missing_path_is_named(tmp_path):
