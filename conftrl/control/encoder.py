@@ -80,15 +80,22 @@ class ControlEncoder(ModelMixin, ConfigMixin):
         return features
 
 
-def encoder_for_unet(unet, vae_scale_factor: int, multiscale: bool = False) -> ControlEncoder:
+def encoder_for_unet(
+    unet, vae_scale_factor: int, multiscale: bool = False, widths: tuple[int, ...] | None = None
+) -> ControlEncoder:
     """Size the encoder from the UNet it feeds: SD 1.5 gets the paper's widths; a narrower
-    UNet gets them capped at its `conv_in` width."""
+    UNet gets them capped at its `conv_in` width, unless `widths` (one per hidden conv) says
+    otherwise."""
     out_channels = unet.conv_in.out_channels
     blocks = list(unet.down_blocks) if multiscale else []
+    if widths is None:
+        widths = tuple(min(w, out_channels) for w in PAPER_WIDTHS)
+    elif len(widths) != len(PAPER_WIDTHS):
+        raise ValueError(f"expected {len(PAPER_WIDTHS)} control encoder widths, one per hidden conv, got {list(widths)}")
     return ControlEncoder(
         out_channels=out_channels,
         downsample_factor=vae_scale_factor,
-        widths=tuple(min(w, out_channels) for w in PAPER_WIDTHS),
+        widths=tuple(widths),
         scale_channels=tuple(unet.config.block_out_channels[: len(blocks)]),
         scale_strides=tuple(1 if block.downsamplers is None else 2 for block in blocks),
     )

@@ -165,16 +165,19 @@ class ControlNetControl(nn.Module):
 CONTROL_PATHS = ("conv_in", "multiscale", "controlnet")
 
 
-def build_control_path(kind: str, unet, vae_scale_factor: int) -> nn.Module:
-    """A fresh control path of `kind` (one of CONTROL_PATHS) sized for `unet`."""
+def build_control_path(kind: str, unet, vae_scale_factor: int, widths: tuple[int, ...] | None = None) -> nn.Module:
+    """A fresh control path of `kind` (one of CONTROL_PATHS) sized for `unet`; `widths`: the
+    control encoder's hidden widths (`encoder_for_unet`), not ControlNet's."""
     if kind == "controlnet":
+        if widths is not None:
+            raise ValueError("control widths size the conv_in and multiscale control encoders; controlnet has none")
         halvings = vae_scale_factor.bit_length() - 1
         widths = tuple(min(w, unet.conv_in.out_channels) for w in (16, 32, 96, 256))
         return ControlNetControl(
             ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths[: halvings + 1])
         )
     if kind in ("conv_in", "multiscale"):
-        return EncoderControl(encoder_for_unet(unet, vae_scale_factor, kind == "multiscale"), unet)
+        return EncoderControl(encoder_for_unet(unet, vae_scale_factor, kind == "multiscale", widths), unet)
     raise ValueError(f"unknown control path {kind!r}; choose one of {', '.join(CONTROL_PATHS)}")
 
 

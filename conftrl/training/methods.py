@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from annotated_types import Ge, Lt
+from annotated_types import Ge, Len, Lt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftrl.control import CONTROL_PATHS
+from conftrl.control.encoder import PAPER_WIDTHS
 from conftrl.diffusion import DiffusionBase
 from conftrl.oft import OFTConfig, OFTModel
 from conftrl.oft.model import DEFAULT_TARGET_MODULES
@@ -39,6 +40,9 @@ class Method:
     name: str
     control_path: ControlPathName
     text_encoder: bool = False  # adapt the text encoder too
+    # The control encoder's hidden conv widths (conv_in and multiscale paths), one per conv;
+    # None: the paper's, capped at the UNet's conv_in width.
+    control_widths: Optional[Annotated[list[Annotated[int, Ge(1)]], Len(len(PAPER_WIDTHS), len(PAPER_WIDTHS))]] = None
 
     def adapt(self, base: DiffusionBase) -> Adapted:
         """Make this method's part of `base` trainable (the rest stays frozen)."""

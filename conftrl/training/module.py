@@ -65,7 +65,9 @@ class ControlModule(LightningModule):
         for name, text_encoder in base.text_encoders.items():  # submodules, so they move with the module
             self.add_module(name, text_encoder)
         # The control path first: ControlNet copies the UNet's weights before any adapter.
-        self.control = build_control_path(method.control_path, base.unet, base.vae_scale_factor)
+        self.control = build_control_path(
+            method.control_path, base.unet, base.vae_scale_factor, method.control_widths
+        )
         # A plain dict, not submodules: these models are registered already (as the base's).
         self.adapted = method.adapt(base)
         if gradient_checkpointing:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftrl.control import ControlEncoder, build_control_path
+from conftrl.control import ControlEncoder, build_control_path, load_control_path
 from conftrl.diffusion import load_base
 from conftrl.diffusion.conditioning import Conditioning
 from conftrl.diffusion.sampling import sample_images
@@ -38,6 +38,30 @@ def test_a_fresh_control_path_leaves_the_unet_unchanged_and_learns(tiny_base, ki
     torch.testing.assert_close(controlled, plain)
     controlled.square().sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in path.parameters())
+
+
+def test_chosen_widths_size_the_encoder_and_load_back_with_it(tiny_base, tmp_path):
+    base = load_base(tiny_base)
+    widths = (16, 16, 32, 32, 96, 96, 256)  # the paper's, not capped at the tiny UNet's 32
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor, widths))
+    convs = [m for m in path.encoder.stem if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == list(widths)
+    assert [m.in_channels for m in path.encoder.scale_outs] == [256] * len(base.unet.down_blocks)
+    path.save(tmp_path)
+    path.remove_hooks()
+    loaded = load_control_path(tmp_path, base.unet)
+    control = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        for saved, again in zip(path.encoder(control), loaded.encoder(control)):
+            torch.testing.assert_close(again, saved, rtol=0, atol=0)
+
+
+def test_widths_must_be_one_per_conv_and_are_not_controlnets(tiny_base):
+    base = load_base(tiny_base)
+    with pytest.raises(ValueError, match="expected 7 control encoder widths.*16, 32"):
+        build_control_path("conv_in", base.unet, base.vae_scale_factor, (16, 32))
+    with pytest.raises(ValueError, match="controlnet has none"):
+        build_control_path("controlnet", base.unet, base.vae_scale_factor, (16,) * 7)
 
 
 def _randomised(path: nn.Module) -> nn.Module:
