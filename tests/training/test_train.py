@@ -52,22 +52,25 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("num_train", [4, 6], ids=["at-epoch-end", "mid-epoch"])
-def test_resume_from_last_checkpoint_reproduces_the_uninterrupted_run(make_config, tmp_path, num_train):
+def test_resuming_twice_from_the_last_checkpoint_reproduces_the_uninterrupted_run(make_config, tmp_path, num_train):
     """Batches of 2: with 6 samples the checkpoint at step 2 falls inside the first epoch, so
-    the resumed run must finish that epoch (step 2) and then start the next (step 3)."""
+    the resumed run must finish that epoch (step 2) and then start the next (step 3). The second
+    resume is the one that went wrong: it started again from the first call's last checkpoint."""
     common = ["experiment=canny_coft", "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
               "trainer.val_check_interval=2", f"data.num_train={num_train}"]
-    straight = make_config(*common, "trainer.max_steps=4", output_dir=tmp_path / "straight")
+    straight = make_config(*common, "trainer.max_steps=6", output_dir=tmp_path / "straight")
     train(straight)
-    interrupted = make_config(*common, "trainer.max_steps=2", output_dir=tmp_path / "resumed")
-    train(interrupted)
-    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    for steps in (2, 4, 6):
+        resume = ["ckpt_path=last"] if steps > 2 else []
+        train(make_config(*common, f"trainer.max_steps={steps}", *resume, output_dir=tmp_path / "resumed"))
+        last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["global_step"] == steps
+    checkpoint = torch.load(last, weights_only=True)
     assert all("oft_R" in k or k.startswith("control.") for k in checkpoint["state_dict"])
-    resumed = make_config(*common, "trainer.max_steps=4", "ckpt_path=last", output_dir=tmp_path / "resumed")
-    train(resumed)
+    trained = [row["step"] for row in logged_metrics(tmp_path / "resumed") if "train/loss" in row]
+    assert sorted(trained) == list(range(6))  # every step trained once, in the three calls together
     first, second = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert set(first) == set(second) == {0, 1, 2, 3}  # the resumed run's log keeps the first part
-    for step in (2, 3):  # steps after the resume
+    for step in range(2, 6):  # steps after a resume
         assert second[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7)
 
 
