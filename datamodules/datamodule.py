@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from annotated_types import Ge, Interval
 from datasets.distributed import split_dataset_by_node
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from pydantic import DirectoryPath
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -121,11 +122,20 @@ class ControlDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Resumable: Lightning checkpoints how many batches of the epoch this process has
         taken and, resumed mid-epoch, the loader skips exactly those (each rank its own share,
-        under DDP) instead of starting the epoch over. A stream starts over."""
+        under DDP) instead of starting the epoch over. A stream starts over.
+
+        The skip runs before Lightning sets the resumed epoch on the sampler, so the sampler
+        starts in the trainer's (restored) epoch, and is sharded over the ranks here, in order:
+        Lightning's own sharding would shuffle the shards again by an epoch not yet set."""
         dataset = self.datasets["train"]
         if isinstance(dataset, IterableDataset):  # a stream shuffles itself; resumed, it starts over
             return self._loader(dataset)
-        return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, shuffle=True), stateful=True)
+        trainer = self.trainer
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=True, epoch=trainer.current_epoch if trainer else 0)
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSamplerWrapper(sampler, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                shuffle=False)  # fmt: skip
+        return self._loader(dataset, sampler=sampler, stateful=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])

@@ -122,13 +122,15 @@ class EpochSampler(Sampler):
     """Yields ``(index, epoch)``: a permutation seeded by ``(seed, epoch)`` (or index order).
 
     The pass is the one ``set_epoch`` names (Lightning calls it at the start of every epoch, also
-    through the sampler it wraps this in under DDP), so any number of ``iter`` calls, e.g. while
-    a run is restored, yield the same pass.
+    through the sampler it wraps this in under DDP), so any number of ``iter`` calls yield the
+    same pass. A new sampler starts in pass ``epoch``: a run resumed mid-epoch skips the batches
+    it has taken by iterating before Lightning calls ``set_epoch``, so it must start in the
+    resumed epoch's pass.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, epoch: int = 0):
         self.length, self.seed, self.shuffle = int(length), int(seed), shuffle
-        self.epoch = 0
+        self.epoch = int(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -1,11 +1,14 @@
 """The LightningDataModule contract, on ShapesWorld: batches, seeds, epochs, workers."""
 
+from types import SimpleNamespace
+
 import cv2
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from datamodules_support import edge_alignment
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import ShapesWorldDataModule
 from datamodules.annotators import CannyAnnotator, DepthAnnotator, PrecomputedControl, SegmentationAnnotator
@@ -116,7 +119,9 @@ def test_sampler_shuffles_a_permutation_per_epoch():
 
 def test_train_loader_resumed_mid_epoch_yields_the_rest_of_that_epoch():
     """The loader's state after 2 of 3 batches, loaded into a fresh loader of a new process,
-    gives exactly the third batch, then the next epoch as an uninterrupted run would."""
+    gives exactly the third batch, then the next epoch as an uninterrupted run would. In
+    Lightning's order: the loader is built with the restored trainer, its iterator (which skips
+    the batches taken) is made, and only then is the epoch set."""
     datamodule = shapesworld(num_train=12, batch_size=4)
     loader = datamodule.train_dataloader()
     loader.sampler.set_epoch(3)
@@ -127,12 +132,34 @@ def test_train_loader_resumed_mid_epoch_yields_the_rest_of_that_epoch():
     loader.sampler.set_epoch(4)
     following = [b["key"] for b in loader]
 
-    fresh = shapesworld(num_train=12, batch_size=4).train_dataloader()
-    fresh.sampler.set_epoch(3)
+    restored = shapesworld(num_train=12, batch_size=4)
+    restored.trainer = SimpleNamespace(current_epoch=3, world_size=1, global_rank=0)
+    fresh = restored.train_dataloader()
     fresh.load_state_dict(state)
-    assert [b["key"] for b in fresh] == rest and len(rest) == 1 and rest[0] not in taken
+    batches = iter(fresh)
+    fresh.sampler.set_epoch(3)
+    assert [b["key"] for b in batches] == rest and len(rest) == 1 and rest[0] not in taken
     fresh.sampler.set_epoch(4)
     assert [b["key"] for b in fresh] == following
+
+
+def test_a_fit_resumed_inside_a_later_epoch_takes_that_epochs_batches(tmp_path):
+    """Lightning end to end: 3 batches an epoch, resumed from the checkpoint after step 4 (one
+    batch into epoch 1), the run takes epoch 1's remaining batches, not epoch 0's."""
+
+    def fit(max_steps: int, ckpt_path=None) -> list:
+        module = _Recorder()
+        every_two = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(max_steps=max_steps, logger=False, callbacks=[every_two], enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
+        datamodule = ShapesWorldDataModule(CannyAnnotator(), resolution=16, batch_size=2, num_train=6)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return module.seen
+
+    straight = fit(6)
+    resumed = fit(6, ckpt_path=tmp_path / "step=4.ckpt")
+    assert [e for e, _ in straight] == [0, 0, 0, 1, 1, 1]
+    assert resumed == straight[4:]
 
 
 def test_setup_builds_only_the_stage_splits():

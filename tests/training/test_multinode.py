@@ -111,14 +111,15 @@ def test_two_nodes_train_identical_replicas_into_one_run_dir(tiny_base, tmp_path
 
 @pytest.mark.slow
 def test_two_ranks_killed_mid_epoch_resume_to_the_uninterrupted_run(tiny_base, tmp_path):
-    """12 samples over 2 ranks in batches of 2: 3 steps an epoch, and the checkpoint at step 2
-    falls inside the first. Each rank must then take its third batch of epoch 0, and epoch 1."""
+    """12 samples over 2 ranks in batches of 2: 3 steps an epoch; the checkpoints at steps 2 and 4
+    fall inside epochs 0 and 1. Resumed at each, every rank must take the rest of that epoch's
+    pass (not epoch 0's), and the second resume must start at step 4, not at the first's step 2."""
     common = ["trainer.devices=2", "data.num_train=12", "trainer.val_check_interval=2",
               "callbacks.model_checkpoint.every_n_train_steps=2", "+callbacks.batches._target_=replicas.RecordBatches"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(1, 2, *train_command(tiny_base, *common, "trainer.max_steps=4", f"hydra.run.dir={straight}",
+    torchrun(1, 2, *train_command(tiny_base, *common, "trainer.max_steps=6", f"hydra.run.dir={straight}",
                                   f"+callbacks.batches.directory={straight}"), cwd=tmp_path)  # fmt: skip
-    for steps, resume in ((2, []), (4, ["ckpt_path=last"])):
+    for steps, resume in ((2, []), (4, ["ckpt_path=last"]), (6, ["ckpt_path=last"])):
         torchrun(1, 2, *train_command(tiny_base, *common, f"trainer.max_steps={steps}", *resume,
                                       f"hydra.run.dir={resumed}", f"+callbacks.batches.directory={resumed}"),
                  cwd=tmp_path)  # fmt: skip
@@ -128,7 +129,7 @@ def test_two_ranks_killed_mid_epoch_resume_to_the_uninterrupted_run(tiny_base, t
             [json.loads(line) for line in (run / f"batches_rank{rank}.jsonl").read_text().splitlines()]
             for run in (straight, resumed)
         )
-        assert [r["step"] for r in got] == [1, 2, 3, 4]  # the step each batch completed
+        assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # the step each batch completed
         assert [r["keys"] for r in got] == [r["keys"] for r in expected]
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-6, abs=1e-7)
     first_rank, second_rank = ([json.loads(line)["keys"] for line in (straight / f"batches_rank{r}.jsonl").open()]
