@@ -66,6 +66,7 @@ from conftrl.evaluation.report import fidelity_table
 from conftrl.evaluation.report import format_number as number
 from conftrl.evaluation.scorers import estimator_of, fidelity_scorer
 from conftrl.training.adapter import CONFIG_FILE, FORMER_OPTIMISER_KEYS, read_adapter_config
+from conftrl.training.checkpoints import saved_step
 from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import ControlModule
 
@@ -211,6 +212,18 @@ def trained_steps(run: Run, out: Path, schedule: Schedule) -> int:
     return max(primary_curve(run, out, schedule), default=0)
 
 
+def last_checkpoint(run: Run, out: Path) -> Path:
+    """What the run's next training call resumes from (`ckpt_path=last`), where it exists."""
+    return run.directory(out) / "checkpoints" / "last.ckpt"
+
+
+def resumed_step(run: Run, out: Path) -> int:
+    """The step the run's next training call starts from, so that its wall time is divided by
+    the steps it trains, wherever its last checkpoint is."""
+    last = last_checkpoint(run, out)
+    return (saved_step(last) or 0) if last.exists() else 0
+
+
 def stop_reason(curve: dict[int, float], schedule: Schedule) -> str | None:
     """Why a long run with this validation curve of its primary score is finished, or None.
 
@@ -277,7 +290,7 @@ def train_command(run: Run, out: Path, plan: Plan, steps: int) -> list[str]:
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={every}",
         f"callbacks.model_checkpoint.every_n_train_steps={every}",
         f"hydra.sweep.dir={out}", f"hydra.sweep.subdir=runs/{run.name}",
-        *(["ckpt_path=last"] if (run.directory(out) / "checkpoints" / "last.ckpt").exists() else []),
+        *(["ckpt_path=last"] if last_checkpoint(run, out).exists() else []),
     ]
 
 
@@ -290,7 +303,7 @@ def train(run: Run, out: Path, plan: Plan, steps: int) -> None:
     """Train `run` to `steps` and record the call's wall time (written atomically). A call that
     exits with an error (`conftrl.train` stops on a non-finite loss) marks the run failed, and the
     table goes on without it; one killed by a signal stops the table (a rerun resumes it)."""
-    start_steps, started = trained_steps(run, out, plan.schedule), time.monotonic()
+    start_steps, started = resumed_step(run, out), time.monotonic()
     called = subprocess.run(train_command(run, out, plan, steps))
     if called.returncode < 0:
         raise subprocess.CalledProcessError(called.returncode, called.args)
