@@ -220,8 +220,7 @@ def last_checkpoint(run: Run, out: Path) -> Path:
 def resumed_step(run: Run, out: Path) -> int:
     """The step the run's next training call starts from, so that its wall time is divided by
     the steps it trains, wherever its last checkpoint is."""
-    last = last_checkpoint(run, out)
-    return (saved_step(last) or 0) if last.exists() else 0
+    return saved_step(last_checkpoint(run, out)) or 0  # None: no (readable) checkpoint
 
 
 def stop_reason(curve: dict[int, float], schedule: Schedule) -> str | None:

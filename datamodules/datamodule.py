@@ -130,12 +130,17 @@ class ControlDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         if isinstance(dataset, IterableDataset):  # a stream shuffles itself; resumed, it starts over
             return self._loader(dataset)
-        trainer = self.trainer
-        sampler = EpochSampler(len(dataset), self.seed, shuffle=True, epoch=trainer.current_epoch if trainer else 0)
-        if trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSamplerWrapper(sampler, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                                shuffle=False)  # fmt: skip
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=True, epoch=epoch)
+        rank, world_size = self._rank()
+        if world_size > 1:
+            sampler = DistributedSamplerWrapper(sampler, num_replicas=world_size, rank=rank, shuffle=False)
         return self._loader(dataset, sampler=sampler, stateful=True)
+
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) as the trainer runs this process; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])
@@ -297,11 +302,6 @@ class HFDataModule(ControlDataModule):
 
     def split_settings(self) -> str:
         return f" in {self.location} (val_fraction={self.val_fraction}, test_fraction={self.test_fraction})"
-
-    def _rank(self) -> tuple[int, int]:
-        """(global rank, world size) as the trainer runs this process; (0, 1) without one."""
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _parts(self) -> dict[str, hf.Part | None]:
         """Where each of our splits comes from: the set's own split, or rows of its train split."""

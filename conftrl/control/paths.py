@@ -172,9 +172,9 @@ def build_control_path(kind: str, unet, vae_scale_factor: int, widths: tuple[int
         if widths is not None:
             raise ValueError("control widths size the conv_in and multiscale control encoders; controlnet has none")
         halvings = vae_scale_factor.bit_length() - 1
-        widths = tuple(min(w, unet.conv_in.out_channels) for w in (16, 32, 96, 256))
+        embedding_widths = tuple(min(w, unet.conv_in.out_channels) for w in (16, 32, 96, 256))
         return ControlNetControl(
-            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths[: halvings + 1])
+            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_widths[: halvings + 1])
         )
     if kind in ("conv_in", "multiscale"):
         return EncoderControl(encoder_for_unet(unet, vae_scale_factor, kind == "multiscale", widths), unet)
