@@ -29,6 +29,10 @@ class ControlEncoder(ModelMixin, ConfigMixin):
     With `scale_channels`, it also emits one feature map per UNet down block (multi-scale
     variant): each extra scale is a conv from the previous scale (stride 2 where the block
     halves the resolution) followed by a zero conv.
+
+    With `latent_channels`, it also sees the UNet's input (the noisy latent), as a ControlNet
+    does: a conv of the latent is added to the control's features before the zero convs, so
+    the features can depend on the denoising state.
     """
 
     @register_to_config
@@ -40,6 +44,7 @@ class ControlEncoder(ModelMixin, ConfigMixin):
         widths: tuple[int, ...] = PAPER_WIDTHS,
         scale_channels: tuple[int, ...] = (),
         scale_strides: tuple[int, ...] = (),
+        latent_channels: int = 0,
     ):
         super().__init__()
         halvings = int(math.log2(downsample_factor))
@@ -51,6 +56,9 @@ class ControlEncoder(ModelMixin, ConfigMixin):
             layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.SiLU()]
             channels = width
         self.stem = nn.Sequential(*layers)
+        self.latent_in = (
+            nn.Sequential(nn.Conv2d(latent_channels, channels, 3, padding=1), nn.SiLU()) if latent_channels else None
+        )
         self.out = zero_conv(channels, out_channels)
         self.scales = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 3, stride=s, padding=1), nn.SiLU())
@@ -65,14 +73,27 @@ class ControlEncoder(ModelMixin, ConfigMixin):
         seven hidden convs shrank a sparse edge map to ~1 % of its scale before the zero conv
         (measured RMS 0.04), and the zero conv, whose gradient is proportional to its input,
         barely learned."""
-        for module in [*self.stem, *self.scales.modules()]:
+        hidden = [*self.stem, *self.scales.modules()]
+        if self.latent_in is not None:
+            hidden += list(self.latent_in)
+        for module in hidden:
             if isinstance(module, nn.Conv2d):
                 fan_in = module.weight[0].numel()
                 nn.init.normal_(module.weight, 0.0, 2.0 / math.sqrt(fan_in))
                 nn.init.zeros_(module.bias)
 
-    def forward(self, control: torch.Tensor) -> list[torch.Tensor]:
+    @property
+    def sees_latent(self) -> bool:
+        return self.latent_in is not None
+
+    def forward(self, control: torch.Tensor, latent: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One feature map per scale; `latent` (the UNet's input, B×C×h×w) iff `sees_latent`."""
+        if self.sees_latent != (latent is not None):
+            needs = "needs the UNet's input latent" if self.sees_latent else "takes no latent"
+            raise ValueError(f"this control encoder {needs} (latent_channels={self.config.latent_channels})")
         hidden = self.stem(control)
+        if latent is not None:
+            hidden = hidden + self.latent_in(latent)
         features = [self.out(hidden)]
         for scale, out in zip(self.scales, self.scale_outs):
             hidden = scale(hidden)
@@ -81,11 +102,15 @@ class ControlEncoder(ModelMixin, ConfigMixin):
 
 
 def encoder_for_unet(
-    unet, vae_scale_factor: int, multiscale: bool = False, widths: tuple[int, ...] | None = None
+    unet,
+    vae_scale_factor: int,
+    multiscale: bool = False,
+    widths: tuple[int, ...] | None = None,
+    sees_latent: bool = False,
 ) -> ControlEncoder:
     """Size the encoder from the UNet it feeds: SD 1.5 gets the paper's widths; a narrower
     UNet gets them capped at its `conv_in` width, unless `widths` (one per hidden conv) says
-    otherwise."""
+    otherwise. With `sees_latent`, it also takes the UNet's input."""
     out_channels = unet.conv_in.out_channels
     blocks = list(unet.down_blocks) if multiscale else []
     if widths is None:
@@ -98,4 +123,5 @@ def encoder_for_unet(
         widths=tuple(widths),
         scale_channels=tuple(unet.config.block_out_channels[: len(blocks)]),
         scale_strides=tuple(1 if block.downsamplers is None else 2 for block in blocks),
+        latent_channels=unet.config.in_channels if sees_latent else 0,
     )

@@ -42,11 +42,13 @@ class AddControlFeature:
         self.control, self.index = control, index
 
     def __call__(self, module, args, output):
+        if isinstance(output, torch.Tensor):  # conv_in: its input is the UNet's input
+            self.control.unet_called(args[0])
         features = self.control.features
         if features is None:
             return output
         feature = features[self.index]
-        if isinstance(output, torch.Tensor):  # conv_in
+        if isinstance(output, torch.Tensor):
             return _add(output, feature)
         hidden, skips = output  # a down block: its output is also its last skip connection
         return _add(hidden, feature), (*skips[:-1], _add(skips[-1], feature))
@@ -60,22 +62,40 @@ class EncoderControl(nn.Module):
     def __init__(self, encoder: ControlEncoder, unet):
         super().__init__()
         self.encoder = encoder
-        self.features: list[torch.Tensor] | None = None  # set only inside `applied`
+        # Both set only inside `applied`: what it was given, and the features the UNet adds.
+        self._request: tuple[torch.Tensor, float, bool] | None = None
+        self.features: list[torch.Tensor] | None = None
         targets = [unet.conv_in, *unet.down_blocks][: 1 + len(encoder.scale_outs)]
         self._hooks = [target.register_forward_hook(AddControlFeature(self, i)) for i, target in enumerate(targets)]
 
     @contextmanager
     def applied(self, control: torch.Tensor, scale: float = 1.0, guided: bool = False):
         """Within this block every UNet call gets `control`'s features times `scale`; with
-        `guided`, only the conditional half of a guidance batch does (see the module notes)."""
-        features = [scale * feature for feature in self.encoder(control)]
-        if guided:
-            features = [torch.cat([torch.zeros_like(feature), feature]) for feature in features]
-        self.features = features
+        `guided`, only the conditional half of a guidance batch does (see the module notes).
+        An encoder that sees the latent is run at every UNet call, on that call's input; any
+        other once, here."""
+        self._request = (control, scale, guided)
+        self.features = None if self.encoder.sees_latent else self._encode(None)
         try:
             yield
         finally:
-            self.features = None
+            self._request = self.features = None
+
+    def unet_called(self, latent: torch.Tensor) -> None:
+        """The UNet is about to run on `latent`: encode it, if the encoder sees the latent."""
+        if self._request is not None and self.encoder.sees_latent:
+            self.features = self._encode(latent)
+
+    def _encode(self, latent: torch.Tensor | None) -> list[torch.Tensor]:
+        control, scale, guided = self._request
+        if guided:  # a guidance batch [uncond; cond]: only the conditional half is encoded
+            latent = None if latent is None else latent[len(latent) // 2 :]
+        elif latent is not None:  # every row of the UNet's batch with its own latent
+            control = control.repeat(len(latent) // len(control), 1, 1, 1)
+        features = [scale * feature for feature in self.encoder(control, latent)]
+        if guided:
+            features = [torch.cat([torch.zeros_like(feature), feature]) for feature in features]
+        return features
 
     def predict(self, unet, noisy, timesteps, conditioning: Conditioning, control) -> torch.Tensor:
         with self.applied(control):
@@ -165,19 +185,24 @@ class ControlNetControl(nn.Module):
 CONTROL_PATHS = ("conv_in", "multiscale", "controlnet")
 
 
-def build_control_path(kind: str, unet, vae_scale_factor: int, widths: tuple[int, ...] | None = None) -> nn.Module:
-    """A fresh control path of `kind` (one of CONTROL_PATHS) sized for `unet`; `widths`: the
-    control encoder's hidden widths (`encoder_for_unet`), not ControlNet's."""
+def build_control_path(
+    kind: str, unet, vae_scale_factor: int, widths: tuple[int, ...] | None = None, sees_latent: bool = False
+) -> nn.Module:
+    """A fresh control path of `kind` (one of CONTROL_PATHS) sized for `unet`; `widths` and
+    `sees_latent` shape the control encoder (`encoder_for_unet`), not ControlNet."""
     if kind == "controlnet":
         if widths is not None:
             raise ValueError("control widths size the conv_in and multiscale control encoders; controlnet has none")
+        if sees_latent:
+            raise ValueError("control_sees_latent is for the conv_in and multiscale control encoders; a controlnet always sees the latent")
         halvings = vae_scale_factor.bit_length() - 1
         embedding_widths = tuple(min(w, unet.conv_in.out_channels) for w in (16, 32, 96, 256))
         return ControlNetControl(
             ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_widths[: halvings + 1])
         )
     if kind in ("conv_in", "multiscale"):
-        return EncoderControl(encoder_for_unet(unet, vae_scale_factor, kind == "multiscale", widths), unet)
+        encoder = encoder_for_unet(unet, vae_scale_factor, kind == "multiscale", widths, sees_latent)
+        return EncoderControl(encoder, unet)
     raise ValueError(f"unknown control path {kind!r}; choose one of {', '.join(CONTROL_PATHS)}")
 
 

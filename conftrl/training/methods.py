@@ -43,6 +43,8 @@ class Method:
     # The control encoder's hidden conv widths (conv_in and multiscale paths), one per conv;
     # None: the paper's, capped at the UNet's conv_in width.
     control_widths: Optional[Annotated[list[Annotated[int, Ge(1)]], Len(len(PAPER_WIDTHS), len(PAPER_WIDTHS))]] = None
+    # The control encoder also sees the UNet's noisy input latent, as a ControlNet does.
+    control_sees_latent: bool = False
 
     def adapt(self, base: DiffusionBase) -> Adapted:
         """Make this method's part of `base` trainable (the rest stays frozen)."""

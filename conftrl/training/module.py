@@ -66,7 +66,7 @@ class ControlModule(LightningModule):
             self.add_module(name, text_encoder)
         # The control path first: ControlNet copies the UNet's weights before any adapter.
         self.control = build_control_path(
-            method.control_path, base.unet, base.vae_scale_factor, method.control_widths
+            method.control_path, base.unet, base.vae_scale_factor, method.control_widths, method.control_sees_latent
         )
         # A plain dict, not submodules: these models are registered already (as the base's).
         self.adapted = method.adapt(base)

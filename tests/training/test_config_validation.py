@@ -41,6 +41,7 @@ MISTAKES = {
     "sampler": (["sampling.sampler=ddm"], ["sampling.sampler='ddm'", "'ddim' or 'unipc'"]),
     "timesteps": (["loss.timesteps=cubicc"], ["loss.timesteps='cubicc'", "'uniform' or 'cubic'"]),
     "control widths": (["method.control_widths=[16,32]"], ["method.control_widths=[16, 32]", "at least 7 items"]),
+    "control sees latent": (["method.control_sees_latent=maybe"], ["method.control_sees_latent='maybe'", "valid boolean"]),
     "control path": (["method.control_path=conv"], ["method.control_path='conv'", "'conv_in', 'multiscale' or 'controlnet'"]),
     "metric": (["callbacks.control_fidelity.metric=f1"], ["callbacks.control_fidelity.metric='f1'", "'edge_f1'"]),
     "scheduler": (["module.lr_scheduler.name=cosin"], ["module.lr_scheduler.name='cosin'", "'cosine'"]),

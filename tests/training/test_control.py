@@ -27,10 +27,14 @@ def test_encoder_rejects_a_factor_it_cannot_reach():
         ControlEncoder(downsample_factor=3)
 
 
-@pytest.mark.parametrize("kind", ["conv_in", "multiscale", "controlnet"])
-def test_a_fresh_control_path_leaves_the_unet_unchanged_and_learns(tiny_base, kind):
+@pytest.mark.parametrize(
+    "kind, sees_latent",
+    [("conv_in", False), ("multiscale", False), ("multiscale", True), ("controlnet", False)],
+    ids=["conv_in", "multiscale", "multiscale_sees_latent", "controlnet"],
+)
+def test_a_fresh_control_path_leaves_the_unet_unchanged_and_learns(tiny_base, kind, sees_latent):
     base = load_base(tiny_base)
-    path = build_control_path(kind, base.unet, base.vae_scale_factor)
+    path = build_control_path(kind, base.unet, base.vae_scale_factor, sees_latent=sees_latent)
     noisy, t, text = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 12, 32)
     control = torch.rand(2, 3, 32, 32)
     plain = base.unet(noisy, t, text).sample
@@ -56,12 +60,47 @@ def test_chosen_widths_size_the_encoder_and_load_back_with_it(tiny_base, tmp_pat
             torch.testing.assert_close(again, saved, rtol=0, atol=0)
 
 
+def test_an_encoder_that_sees_the_latent_encodes_each_unet_calls_input(tiny_base, tmp_path):
+    base = load_base(tiny_base)
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor, sees_latent=True))
+    assert path.encoder.latent_in[0].in_channels == base.unet.config.in_channels
+    control, t, text = torch.rand(1, 3, 32, 32), torch.tensor([10]), torch.randn(1, 12, 32)
+    first, second = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    with torch.no_grad(), path.applied(control, scale=0.5):
+        assert path.features is None  # nothing to encode before the UNet runs
+        for latent in (first, second):
+            base.unet(latent, t, text)
+            for added, expected in zip(path.features, path.encoder(control, latent)):
+                torch.testing.assert_close(added, 0.5 * expected)
+        assert not torch.allclose(path.encoder(control, first)[0], path.encoder(control, second)[0])
+    assert path.features is None
+    # Saved and loaded, the encoder still sees the latent and computes the same features.
+    path.save(tmp_path)
+    path.remove_hooks()
+    loaded = load_control_path(tmp_path, base.unet)
+    assert loaded.encoder.config.latent_channels == base.unet.config.in_channels
+    with torch.no_grad():
+        for saved, again in zip(path.encoder(control, first), loaded.encoder(control, first)):
+            torch.testing.assert_close(again, saved, rtol=0, atol=0)
+
+
+def test_an_encoder_is_given_the_latent_exactly_when_it_sees_it():
+    sees, blind = ControlEncoder(32, 4, widths=(8,) * 7, latent_channels=4), ControlEncoder(32, 4, widths=(8,) * 7)
+    control, latent = torch.rand(1, 3, 32, 32), torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="needs the UNet's input latent.*latent_channels=4"):
+        sees(control)
+    with pytest.raises(ValueError, match="takes no latent.*latent_channels=0"):
+        blind(control, latent)
+
+
 def test_widths_must_be_one_per_conv_and_are_not_controlnets(tiny_base):
     base = load_base(tiny_base)
     with pytest.raises(ValueError, match="expected 7 control encoder widths.*16, 32"):
         build_control_path("conv_in", base.unet, base.vae_scale_factor, (16, 32))
     with pytest.raises(ValueError, match="controlnet has none"):
         build_control_path("controlnet", base.unet, base.vae_scale_factor, (16,) * 7)
+    with pytest.raises(ValueError, match="control_sees_latent.*a controlnet always sees the latent"):
+        build_control_path("controlnet", base.unet, base.vae_scale_factor, sees_latent=True)
 
 
 def _randomised(path: nn.Module) -> nn.Module:
@@ -72,9 +111,10 @@ def _randomised(path: nn.Module) -> nn.Module:
     return path
 
 
-def test_features_are_added_for_both_guidance_branches(tiny_base):
+@pytest.mark.parametrize("sees_latent", [False, True], ids=["control_only", "sees_latent"])
+def test_features_are_added_for_both_guidance_branches(tiny_base, sees_latent):
     base = load_base(tiny_base)
-    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor, sees_latent=sees_latent))
     noisy, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 12, 32)
     control = torch.rand(1, 3, 32, 32)
     single = path.predict(base.unet, noisy, t, Conditioning(text), control)
@@ -84,9 +124,10 @@ def test_features_are_added_for_both_guidance_branches(tiny_base):
     assert not torch.allclose(single, base.unet(noisy, t, text).sample)  # outside the block: no control
 
 
-def test_guided_encoder_control_enters_only_the_conditional_half(tiny_base):
+@pytest.mark.parametrize("sees_latent", [False, True], ids=["control_only", "sees_latent"])
+def test_guided_encoder_control_enters_only_the_conditional_half(tiny_base, sees_latent):
     base = load_base(tiny_base)
-    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor, sees_latent=sees_latent))
     noisy, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 12, 32)
     control = torch.rand(1, 3, 32, 32)
     plain = base.unet(noisy, t, text).sample
@@ -127,9 +168,10 @@ def test_guided_controlnet_residuals_are_scaled_and_zero_for_the_unconditional_h
     torch.testing.assert_close(residuals()[-1], plain[-1])  # the hook is gone after the block
 
 
-def test_guided_control_changes_samples_only_under_guidance(tiny_base):
+@pytest.mark.parametrize("sees_latent", [False, True], ids=["control_only", "sees_latent"])
+def test_guided_control_changes_samples_only_under_guidance(tiny_base, sees_latent):
     base = load_base(tiny_base)
-    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor))
+    path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor, sees_latent=sees_latent))
     control, prompts, seeds = torch.rand(2, 3, 32, 32), ["a red circle"] * 2, [0, 1]
 
     def sample(**sampling):

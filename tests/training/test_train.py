@@ -28,6 +28,20 @@ def test_fast_dev_run_of_every_experiment(make_config, experiment):
     assert adapter.method.name == cfg.method.name
 
 
+def test_a_control_encoder_that_sees_the_latent_trains_exports_and_samples(make_config):
+    cfg = make_config("experiment=canny_oft", "method.control_sees_latent=true", "trainer.max_steps=3")
+    train(cfg)
+    adapter = load_adapter(cfg.export_dir)
+    encoder = adapter.control.encoder
+    assert encoder.sees_latent and adapter.config.method.control_sees_latent
+    control, latents = torch.rand(1, 3, 32, 32), torch.randn(2, 1, 4, 8, 8)
+    with torch.no_grad():  # trained, exported and loaded, the control features follow the latent
+        first, second = (encoder(control, latent)[0] for latent in latents)
+    assert (first - second).abs().max() > 0
+    images = adapter.sample(["a red circle"], control, [0], steps=2)
+    assert images.shape == (1, 32, 32, 3)
+
+
 def test_every_encoder_experiment_uses_the_same_control_path(compose_train, tmp_path):
     """Table 2 compares methods, not control paths: all but ControlNet feed the UNet alike."""
     paths = {name: compose_train([f"experiment={name}"], tmp_path).method.control_path for name in EXPERIMENTS}
