@@ -32,7 +32,9 @@ class ControlEncoder(ModelMixin, ConfigMixin):
 
     With `latent_channels`, it also sees the UNet's input (the noisy latent), as a ControlNet
     does: a conv of the latent is added to the control's features before the zero convs, so
-    the features can depend on the denoising state.
+    the features can depend on the denoising state. That conv starts at zero: a new encoder
+    computes what the control-only encoder would from the same seed, and learns how far to
+    follow the latent, instead of starting with the control drowned in the latent's features.
     """
 
     @register_to_config
@@ -56,9 +58,6 @@ class ControlEncoder(ModelMixin, ConfigMixin):
             layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.SiLU()]
             channels = width
         self.stem = nn.Sequential(*layers)
-        self.latent_in = (
-            nn.Sequential(nn.Conv2d(latent_channels, channels, 3, padding=1), nn.SiLU()) if latent_channels else None
-        )
         self.out = zero_conv(channels, out_channels)
         self.scales = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 3, stride=s, padding=1), nn.SiLU())
@@ -66,6 +65,8 @@ class ControlEncoder(ModelMixin, ConfigMixin):
         )
         self.scale_outs = nn.ModuleList(zero_conv(channels, c) for c in scale_channels)
         self._init_hidden_convs()
+        # Made last, so that the random draws above are the control-only encoder's.
+        self.latent_in = zero_conv(latent_channels, channels) if latent_channels else None
 
     def _init_hidden_convs(self) -> None:
         """Variance-preserving init for the SiLU convs. Near zero SiLU(x) ~ x/2, so a conv must
@@ -73,10 +74,7 @@ class ControlEncoder(ModelMixin, ConfigMixin):
         seven hidden convs shrank a sparse edge map to ~1 % of its scale before the zero conv
         (measured RMS 0.04), and the zero conv, whose gradient is proportional to its input,
         barely learned."""
-        hidden = [*self.stem, *self.scales.modules()]
-        if self.latent_in is not None:
-            hidden += list(self.latent_in)
-        for module in hidden:
+        for module in [*self.stem, *self.scales.modules()]:
             if isinstance(module, nn.Conv2d):
                 fan_in = module.weight[0].numel()
                 nn.init.normal_(module.weight, 0.0, 2.0 / math.sqrt(fan_in))

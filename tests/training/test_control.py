@@ -63,7 +63,7 @@ def test_chosen_widths_size_the_encoder_and_load_back_with_it(tiny_base, tmp_pat
 def test_an_encoder_that_sees_the_latent_encodes_each_unet_calls_input(tiny_base, tmp_path):
     base = load_base(tiny_base)
     path = _randomised(build_control_path("multiscale", base.unet, base.vae_scale_factor, sees_latent=True))
-    assert path.encoder.latent_in[0].in_channels == base.unet.config.in_channels
+    assert path.encoder.latent_in.in_channels == base.unet.config.in_channels
     control, t, text = torch.rand(1, 3, 32, 32), torch.tensor([10]), torch.randn(1, 12, 32)
     first, second = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     with torch.no_grad(), path.applied(control, scale=0.5):
@@ -82,6 +82,25 @@ def test_an_encoder_that_sees_the_latent_encodes_each_unet_calls_input(tiny_base
     with torch.no_grad():
         for saved, again in zip(path.encoder(control, first), loaded.encoder(control, first)):
             torch.testing.assert_close(again, saved, rtol=0, atol=0)
+
+
+def test_a_new_encoder_that_sees_the_latent_computes_the_control_only_features():
+    """Its latent conv starts at zero and its other weights are those the seed gives the
+    control-only encoder: the latent changes nothing until the encoder has learned to use it."""
+    torch.manual_seed(0)
+    blind = ControlEncoder(32, 4, widths=(8,) * 7, scale_channels=(32, 64), scale_strides=(1, 2))
+    torch.manual_seed(0)
+    sees = ControlEncoder(32, 4, widths=(8,) * 7, scale_channels=(32, 64), scale_strides=(1, 2), latent_channels=4)
+    for name, weight in blind.state_dict().items():
+        torch.testing.assert_close(sees.state_dict()[name], weight, rtol=0, atol=0)
+    assert torch.count_nonzero(sees.latent_in.weight) == 0
+    for module in [blind.out, *blind.scale_outs]:
+        nn.init.normal_(module.weight, std=0.1)  # the output convs opened, as after some training
+    sees.load_state_dict(blind.state_dict(), strict=False)  # all but the latent conv
+    control, latent = torch.rand(2, 3, 32, 32), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        for expected, got in zip(blind(control), sees(control, latent)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_an_encoder_is_given_the_latent_exactly_when_it_sees_it():
