@@ -2,7 +2,8 @@
 
 `EncoderControl` is the paper's: a control encoder whose features are added to the output of
 the UNet's `conv_in` (and, multi-scale, of each down block) by forward hooks, so diffusers
-code stays untouched and any pipeline that calls the UNet is controlled. `ControlNetControl`
+code stays untouched and any pipeline that calls the UNet is controlled. An encoder that also
+sees the noisy latent takes it from `conv_in`'s input, at every UNet call. `ControlNetControl`
 is the ControlNet baseline, diffusers' `ControlNetModel` feeding residuals to the UNet.
 Both expose the same three things: `predict` for a training step, `pipeline` and
 `pipeline_kwargs` + `applied` for sampling.
@@ -42,13 +43,14 @@ class AddControlFeature:
         self.control, self.index = control, index
 
     def __call__(self, module, args, output):
-        if isinstance(output, torch.Tensor):  # conv_in: its input is the UNet's input
-            self.control.unet_called(args[0])
+        at_conv_in = isinstance(output, torch.Tensor)
+        if at_conv_in:  # conv_in's input is the UNet's input
+            self.control.unet_input(args[0])
         features = self.control.features
         if features is None:
             return output
         feature = features[self.index]
-        if isinstance(output, torch.Tensor):
+        if at_conv_in:
             return _add(output, feature)
         hidden, skips = output  # a down block: its output is also its last skip connection
         return _add(hidden, feature), (*skips[:-1], _add(skips[-1], feature))
@@ -81,8 +83,9 @@ class EncoderControl(nn.Module):
         finally:
             self._request = self.features = None
 
-    def unet_called(self, latent: torch.Tensor) -> None:
-        """The UNet is about to run on `latent`: encode it, if the encoder sees the latent."""
+    def unet_input(self, latent: torch.Tensor) -> None:
+        """The UNet was called on `latent` (its first layer's hook, before any feature is
+        added): encode it, if the encoder sees the latent."""
         if self._request is not None and self.encoder.sees_latent:
             self.features = self._encode(latent)
 
