@@ -20,6 +20,7 @@ from conftrl.config.schema import ConfigError, check_strategy_complete, validate
 from conftrl.training.callbacks import EMA, EnergyMonitor, SampleGrid
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (Path(config_dir()) / "method").glob("*.yaml"))
 
 # (overrides, what the message must say): one case per kind of mistake.
 MISTAKES = {
@@ -96,6 +97,8 @@ def test_every_shipped_experiment_and_option_is_valid(compose_train, tmp_path):
     """The checks reject no config the project ships."""
     for experiment in EXPERIMENTS:
         validate_train_config(compose_train([f"experiment={experiment}"], tmp_path))
+    for method in METHODS:
+        validate_train_config(compose_train([f"method={method}"], tmp_path))
     for overrides in (["trainer=cpu_long"], ["trainer=ddp"], ["trainer=ddp_spawn"], ["trainer=fsdp"], ["trainer=gpu"], ["callbacks=[default,ema]"], ["debug=quick"]):
         validate_train_config(compose_train(["experiment=canny_coft", *overrides], tmp_path))
 

@@ -21,10 +21,13 @@ EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*
 # shipped configs say, pinned so that a change to them is a change someone made on purpose.
 METHOD_OPTIMISER = {
     "coft": (1e-5, 0.0), "oft": (1e-5, 0.0), "controlnet": (1e-5, 0.0), "full": (1e-5, 1e-2), "lora": (1e-4, 0.0),
+    "control_only": (1e-5, 0.0),
 }
 EXPERIMENT_LR = {"coft": 1e-3, "oft": 1e-3, "lora": 1e-3, "controlnet": 1e-4, "full": 1e-4}
 # What trains besides the control path, by parameter name.
-ADAPTER_PARAMETER = {"coft": "oft_", "oft": "oft_", "lora": "lora_", "full": "unet.", "controlnet": None}
+ADAPTER_PARAMETER = {
+    "coft": "oft_", "oft": "oft_", "lora": "lora_", "full": "unet.", "controlnet": None, "control_only": None,
+}
 STEPS = 10
 
 
@@ -49,7 +52,7 @@ def test_the_module_has_the_optimiser_its_method_config_says(make_config, tiny_b
     optimised = {name for name, p in module.named_parameters() if any(p is q for q in group["params"])}
     assert optimised == trainable and len(group["params"]) == len(trainable)
     adapter = {name for name in optimised if not name.startswith("control.")}
-    assert all(ADAPTER_PARAMETER[method] in name for name in adapter) and bool(adapter) == (method != "controlnet")
+    assert all(ADAPTER_PARAMETER[method] in name for name in adapter) and bool(adapter) == (ADAPTER_PARAMETER[method] is not None)
     # constant_with_warmup without warm-up: the rate the config says, at every step.
     for _ in range(STEPS):
         assert group["lr"] == METHOD_OPTIMISER[method][0]

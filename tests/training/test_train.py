@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftrl.cli.train import train
+from conftrl.diffusion import load_base
 from conftrl.training.adapter import load_adapter
 from conftrl.training.checkpoints import CheckpointError
 from conftrl.training.loggers import logged_metrics
@@ -39,6 +40,21 @@ def test_a_control_encoder_that_sees_the_latent_trains_exports_and_samples(make_
         first, second = (encoder(control, latent)[0] for latent in latents)
     assert (first - second).abs().max() > 0
     images = adapter.sample(["a red circle"], control, [0], steps=2)
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_the_control_encoder_alone_trains_and_leaves_the_unet_as_the_base(make_config):
+    """`method=control_only`: the encoder learns, the exported adapter holds nothing else."""
+    cfg = make_config("experiment=canny_oft", "method=control_only", "trainer.max_steps=3")
+    train(cfg)
+    adapter = load_adapter(cfg.export_dir)
+    assert adapter.method.name == "control_only" and adapter.adapted == {}
+    assert sorted(p.name for p in Path(cfg.export_dir).iterdir()) == ["conftrl.yaml", "control_encoder"]
+    base = load_base(cfg.model.path)
+    for name, weight in base.unet.state_dict().items():
+        assert torch.equal(adapter.base.unet.state_dict()[name], weight), name
+    assert adapter.control.encoder.out.weight.abs().max() > 0  # zero at the start, trained
+    images = adapter.sample(["a red circle"], torch.rand(1, 3, 32, 32), [0], steps=2)
     assert images.shape == (1, 32, 32, 3)
 
 
