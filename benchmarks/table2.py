@@ -52,7 +52,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -129,7 +129,7 @@ class Plan:
 
     schedule: Schedule = field(default_factory=Schedule)
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
-    lora_matched_rank: int = 4
+    lora_matched_rank: int | None = None  # counted when a call first asks for LoRA matched
     overrides: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
@@ -554,8 +554,10 @@ def to_markdown(report: dict) -> str:
         f"a {s.sweep_steps:,}-step sweep. Then each run continues in calls of {s.chunk:,} steps, validated every "
         f"{s.val_every:,}, until its primary score has not risen by more than {s.min_delta:g} above its best "
         f"before its last {s.patience} validations, once it has {s.min_steps:,} steps (stopped: plateau), "
-        f"or at {s.max_steps:,} steps (stopped: max_steps); \"training\": not finished yet. LoRA matched: "
-        f"r = {plan.lora_matched_rank}, the rank nearest OFT's adapter size. Scores are those of the last "
+        f"or at {s.max_steps:,} steps (stopped: max_steps); \"training\": not finished yet. "
+        + ("" if plan.lora_matched_rank is None else
+           f"LoRA matched: r = {plan.lora_matched_rank}, the rank nearest OFT's adapter size. ")
+        + "Scores are those of the last "
         f"validation; ΔHE is `{ENERGY_CHANGE}`, the relative change of the UNet's hyperspherical energy against "
         "the base. The base is the untrained model (every adapter is the identity at initialisation). Steps "
         f"to {REACHED:.0%}: the first validation at which the primary score reaches {REACHED:.0%} of the best "
@@ -630,9 +632,10 @@ def conflicts(stored: dict, requested: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def load_plan(out: Path, requested: dict, tasks: list[str]) -> Plan:
+def load_plan(out: Path, requested: dict, tasks: list[str], methods: list[str]) -> Plan:
     """The plan of `out`: the stored one, which the requested options must agree with, or a new
-    one from them (then stored), whose matched LoRA rank is counted on the first task's base."""
+    one from them (then stored). The matched LoRA rank is counted on the first task's base by the
+    first call whose `methods` need it: an ablation's overrides may not apply to LoRA at all."""
     path = Path(out) / PLAN_FILE
     if path.is_file():
         stored = json.loads(path.read_text())
@@ -640,11 +643,15 @@ def load_plan(out: Path, requested: dict, tasks: list[str]) -> Plan:
         if found := conflicts(stored, requested):
             raise SystemExit(f"{path} was planned with other settings ({'; '.join(found)}): repeat the first "
                              "call's options or leave them out, or use another --out")
-        return Plan.from_json(stored)
-    schedule = Schedule(**requested.get("schedule", {}))
-    grids = {**LR_GRIDS, **{m: tuple(lrs) for m, lrs in requested.get("lr_grids", {}).items()}}
-    overrides = tuple(requested.get("overrides", ()))
-    plan = Plan(schedule, grids, matching_lora_rank(tasks[0], list(overrides)), overrides)
+        plan = Plan.from_json(stored)
+    else:
+        schedule = Schedule(**requested.get("schedule", {}))
+        grids = {**LR_GRIDS, **{m: tuple(lrs) for m, lrs in requested.get("lr_grids", {}).items()}}
+        plan = Plan(schedule, grids, None, tuple(requested.get("overrides", ())))
+    if plan.lora_matched_rank is None and "lora_matched" in methods:
+        plan = replace(plan, lora_matched_rank=matching_lora_rank(tasks[0], list(plan.overrides)))
+    elif path.is_file():
+        return plan
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return plan
@@ -652,7 +659,7 @@ def load_plan(out: Path, requested: dict, tasks: list[str]) -> Plan:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    plan = load_plan(args.out, requested_plan(args), args.tasks)
+    plan = load_plan(args.out, requested_plan(args), args.tasks, [] if args.render else args.methods)
     if args.render:
         render(args.out, plan)
     else:

@@ -73,12 +73,25 @@ def test_lr_grid_option_parses_rates_and_names_a_bad_one(table2):
 def test_a_later_call_must_agree_with_the_stored_plan(table2, tmp_path):
     stored = table2.Plan(table2.Schedule(), dict(table2.LR_GRIDS), 4, ("logger=csv",))
     (tmp_path / table2.PLAN_FILE).write_text(json.dumps(stored.to_json()))
-    assert table2.load_plan(tmp_path, {}, ["canny"]) == stored  # options left out: the stored plan's
-    assert table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--chunk", "500"])), ["canny"]) == stored
+    assert table2.load_plan(tmp_path, {}, ["canny"], ["oft"]) == stored  # options left out: the stored plan's
+    assert table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--chunk", "500"])), ["canny"], ["oft"]) == stored
     with pytest.raises(SystemExit, match=r"plan.json was planned with other settings \(schedule.chunk: 500 -> 750\)"):
-        table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--chunk", "750"])), ["canny"])
+        table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--chunk", "750"])), ["canny"], ["oft"])
     with pytest.raises(SystemExit, match="overrides"):
-        table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--", "seed=1"])), ["canny"])
+        table2.load_plan(tmp_path, table2.requested_plan(table2.parse_args(["--", "seed=1"])), ["canny"], ["oft"])
+
+
+def test_the_matched_lora_rank_is_counted_only_when_lora_matched_trains(table2, tmp_path, monkeypatch):
+    """An ablation's overrides may not apply to LoRA (`method=control_only` has no `method.r`):
+    its plan must not count LoRA's rank. A later call that trains LoRA matched counts it once."""
+    counted = []
+    monkeypatch.setattr(table2, "matching_lora_rank", lambda task, overrides: counted.append(task) or 3)
+    requested = table2.requested_plan(table2.parse_args(["--", "method=control_only"]))
+    assert table2.load_plan(tmp_path, requested, ["canny"], ["oft"]).lora_matched_rank is None
+    assert table2.load_plan(tmp_path, {}, ["canny"], ["base", "oft"]).lora_matched_rank is None and not counted
+    assert table2.load_plan(tmp_path, {}, ["seg"], ["lora_matched"]).lora_matched_rank == 3
+    assert table2.load_plan(tmp_path, {}, ["canny"], ["lora_matched"]).lora_matched_rank == 3
+    assert counted == ["seg"] and json.loads((tmp_path / table2.PLAN_FILE).read_text())["lora_matched_rank"] == 3
 
 
 def test_a_plan_that_set_the_learning_rate_as_method_lr_resumes_with_todays_key(table2, tmp_path):
@@ -88,10 +101,10 @@ def test_a_plan_that_set_the_learning_rate_as_method_lr_resumes_with_todays_key(
     former = table2.Plan(table2.Schedule(), dict(table2.LR_GRIDS), 4, ("seed=1", "method.lr=0.001", "method.r=8"))
     (tmp_path / table2.PLAN_FILE).write_text(json.dumps(former.to_json()))
     current = ("seed=1", "module.optimizer.lr=0.001", "method.r=8")
-    assert table2.load_plan(tmp_path, {}, ["canny"]).overrides == current
+    assert table2.load_plan(tmp_path, {}, ["canny"], ["oft"]).overrides == current
     for spelling in ("method.lr=0.001", "module.optimizer.lr=0.001"):
         requested = table2.requested_plan(table2.parse_args(["--", "seed=1", spelling, "method.r=8"]))
-        assert table2.load_plan(tmp_path, requested, ["canny"]).overrides == current
+        assert table2.load_plan(tmp_path, requested, ["canny"], ["oft"]).overrides == current
 
 
 def test_a_method_without_an_experiment_is_refused_before_anything_trains(table2, tmp_path, monkeypatch):
