@@ -76,6 +76,11 @@ class ControlOnlyMethod(Method):
     name: str = "control_only"
     control_path: ControlPathName = "conv_in"
 
+    def __post_init__(self) -> None:
+        if self.text_encoder:  # it would only run the frozen text encoder with gradients
+            raise ValueError(f"{self.name} trains its control path alone: text_encoder=true needs a method "
+                             "that adapts the base (coft, oft, lora or full)")
+
     def adapt(self, base: DiffusionBase) -> Adapted:
         return {}
 

@@ -76,6 +76,14 @@ def test_a_mistake_is_reported_by_key_before_the_model_loads(make_config, no_mod
         assert text in str(error.value)
 
 
+@pytest.mark.parametrize("overrides", [["experiment=canny_controlnet"], ["experiment=canny_oft", "method=control_only"]])
+def test_a_method_that_adapts_nothing_of_the_base_refuses_the_text_encoder(make_config, no_model_loads, overrides):
+    """It would run the frozen text encoder with gradients and train nothing of it."""
+    cfg = make_config(*overrides, "+method.text_encoder=true")
+    with pytest.raises(ConfigError, match=r"^method: (controlnet|control_only) trains its control path alone"):
+        train(cfg)
+
+
 def test_every_mistake_is_reported_at_once(make_config, no_model_loads):
     cfg = make_config("experiment=canny_coft", "method.r=abc", "sampling.sampler=ddm", "data.resolution=60")
     with pytest.raises(ConfigError) as error:
