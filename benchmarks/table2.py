@@ -648,12 +648,12 @@ def load_plan(out: Path, requested: dict, tasks: list[str], methods: list[str]) 
         schedule = Schedule(**requested.get("schedule", {}))
         grids = {**LR_GRIDS, **{m: tuple(lrs) for m, lrs in requested.get("lr_grids", {}).items()}}
         plan = Plan(schedule, grids, None, tuple(requested.get("overrides", ())))
-    if plan.lora_matched_rank is None and "lora_matched" in methods:
+    counts_rank = plan.lora_matched_rank is None and "lora_matched" in methods
+    if counts_rank:
         plan = replace(plan, lora_matched_rank=matching_lora_rank(tasks[0], list(plan.overrides)))
-    elif path.is_file():
-        return plan
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    if counts_rank or not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return plan
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,12 +14,12 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from conftrl.cli import train as train_command
 from conftrl.cli.train import train
-from conftrl.config import config_dir
 from conftrl.config.schema import ConfigError, check_strategy_complete, validate_train_config
 from conftrl.training.callbacks import EMA, EnergyMonitor, SampleGrid
+from support.training_runs import shipped_options
 
-EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
-METHODS = sorted(p.stem for p in (Path(config_dir()) / "method").glob("*.yaml"))
+EXPERIMENTS = shipped_options("experiment")
+METHODS = shipped_options("method")
 
 # (overrides, what the message must say): one case per kind of mistake.
 MISTAKES = {

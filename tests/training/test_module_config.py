@@ -4,18 +4,17 @@ learning-rate schedule the config says, on the trainable weights only."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from lightning import Trainer
 
-from conftrl.config import config_dir
 from conftrl.diffusion import load_base
+from support.training_runs import shipped_options
 
-METHODS = sorted(p.stem for p in (Path(config_dir()) / "method").glob("*.yaml"))
-EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+METHODS = shipped_options("method")
+EXPERIMENTS = shipped_options("experiment")
 
 # Each method's optimiser settings, and the experiments' on the embedded base: what the
 # shipped configs say, pinned so that a change to them is a change someone made on purpose.

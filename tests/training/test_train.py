@@ -14,8 +14,9 @@ from conftrl.training.adapter import load_adapter
 from conftrl.training.checkpoints import CheckpointError
 from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import CheckpointMismatchError, ControlModule, NonFiniteLossError
+from support.training_runs import shipped_options
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = shipped_options("experiment")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -50,9 +51,9 @@ def test_the_control_encoder_alone_trains_and_leaves_the_unet_as_the_base(make_c
     adapter = load_adapter(cfg.export_dir)
     assert adapter.method.name == "control_only" and adapter.adapted == {}
     assert sorted(p.name for p in Path(cfg.export_dir).iterdir()) == ["conftrl.yaml", "control_encoder"]
-    base = load_base(cfg.model.path)
-    for name, weight in base.unet.state_dict().items():
-        assert torch.equal(adapter.base.unet.state_dict()[name], weight), name
+    trained, base = adapter.base.unet.state_dict(), load_base(cfg.model.path).unet.state_dict()
+    for name, weight in base.items():
+        assert torch.equal(trained[name], weight), name
     assert adapter.control.encoder.out.weight.abs().max() > 0  # zero at the start, trained
     images = adapter.sample(["a red circle"], torch.rand(1, 3, 32, 32), [0], steps=2)
     assert images.shape == (1, 32, 32, 3)
