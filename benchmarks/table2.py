@@ -31,6 +31,12 @@ is repeated: `<out>/plan.json` records the schedule, grids and overrides of the 
 later call must agree with it (options left out are taken from it). Hydra overrides after `--`
 go to every run and must be single values.
 
+The rendered table is also the memory of runs whose directories are gone (`Record`): a folder
+with only `plan.json`, `table2.json` and the pictures (a published `benchmarks/results/<name>/`
+on a fresh clone, whose `runs/` git ignores) continues from it. Its chosen rates stand for the
+sweeps and its finished rows for their runs, none trained again; a run it records as still
+training starts again from step 0 at its chosen rate.
+
 The table (`<out>/table2.md`, `<out>/table2.json`, rewritten after every round of training) has,
 per task and method: the learning rate, the trainable parameters, the steps and why the run
 stopped, the scores of the final validation as the control_fidelity callback logged them and as
@@ -183,6 +189,36 @@ class Run:
         return f"{self.task}_{self.method}.png"
 
 
+@dataclass(frozen=True)
+class Record:
+    """The table an earlier call rendered into `<out>` (its `table2.json`), as the memory of runs
+    whose directories are gone: a published results folder on a fresh clone has the table, the
+    curves and the sample grids, but not the runs' checkpoints and logs. Its finished rows and its
+    sweeps' chosen rates stand for those runs, so continuing a table trains only what had not
+    finished; a run it records as still training starts again at its chosen rate."""
+
+    tasks: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, out: Path) -> Record:
+        path = Path(out) / "table2.json"
+        return cls(json.loads(path.read_text())["tasks"] if path.is_file() else {})
+
+    def sweep(self, task: str, method: str) -> dict | None:
+        return self.tasks.get(task, {}).get("sweeps", {}).get(method)
+
+    def chosen_lr(self, task: str, method: str) -> float | None:
+        """The rate the method's finished sweep chose (None: not recorded, or unfinished)."""
+        return (self.sweep(task, method) or {}).get("chosen_lr")
+
+    def finished_row(self, run: Run) -> dict | None:
+        """The run's row, where the table recorded it finished (base, plateau, max_steps or failed)."""
+        row = self.tasks.get(run.task, {}).get("methods", {}).get(run.method)
+        if row is None or row["stopped"] is None:
+            return None
+        return row if run.lr is None or row["lr"] == run.lr else None
+
+
 # --- what a run has logged ----------------------------------------------------------------
 
 
@@ -248,6 +284,14 @@ def pace(run: Run, out: Path) -> dict:
         "seconds_per_step": sum(call["seconds"] for call in calls) / steps if steps else None,
         "threads": sorted({str(call["threads"]) for call in calls}),
     }
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a file of this process's own, renamed into place: the jobs of one `--out`
+    read each other's tables (`Record`) and wall times, so none may see a half-written file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -317,8 +361,7 @@ def train(run: Run, out: Path, plan: Plan, steps: int) -> None:
     calls = json.loads(path.read_text()) if path.is_file() else []
     seconds = round(time.monotonic() - started, 1)
     calls.append({"from": start_steps, "to": steps, "seconds": seconds, "threads": os.environ.get("OMP_NUM_THREADS")})
-    path.with_suffix(".tmp").write_text(json.dumps(calls, indent=1) + "\n")
-    path.with_suffix(".tmp").replace(path)
+    write_atomically(path, json.dumps(calls, indent=1) + "\n")
 
 
 def sweep_runs(task: str, method: str, plan: Plan) -> list[Run]:
@@ -337,21 +380,27 @@ def sweep_scores(task: str, method: str, out: Path, plan: Plan) -> dict[float, f
     return {run.lr: primary_curve(run, out, plan.schedule).get(steps) for run in sweep_runs(task, method, plan)}
 
 
-def long_run(task: str, method: str, out: Path, plan: Plan) -> Run | None:
-    """The run that continues the best rate of the method's sweep (None while the sweep is
-    unfinished or if all its rates failed); without a sweep, the method at its experiment's rate."""
+def long_run(task: str, method: str, out: Path, plan: Plan, record: Record) -> Run | None:
+    """The run that continues the best rate of the method's sweep, as found in `out` or recorded
+    (None while the sweep is unfinished or if all its rates failed); without a sweep, the method at
+    its experiment's rate."""
     if method == BASE:
         return Run(task, BASE)
     runs = sweep_runs(task, method, plan)
     if not runs:
         return Run(task, method)
+    if (recorded := record.chosen_lr(task, method)) is not None:
+        return Run(task, method, recorded)
     if any(sweep_pending(run, out, plan) for run in runs):
         return None
     scores = {lr: score for lr, score in sweep_scores(task, method, out, plan).items() if score is not None}
     return Run(task, method, max(scores, key=scores.get)) if scores else None
 
 
-def finished(run: Run, out: Path, schedule: Schedule) -> bool:
+def finished(run: Run, out: Path, schedule: Schedule, record: Record) -> bool:
+    """Failed, stopped by the rule, or recorded finished by a table whose run directory is gone."""
+    if not run.directory(out).is_dir():
+        return record.finished_row(run) is not None
     return failure(run, out) is not None or stop_reason(primary_curve(run, out, schedule), schedule) is not None
 
 
@@ -361,22 +410,25 @@ def experiment_exists(run: Run) -> bool:
 
 def replicate(out: Path, tasks: list[str], methods: list[str], plan: Plan) -> dict:
     """Train what is missing, task by task: the base, every method's sweep, then the long runs
-    a chunk at a time in turn; the table is rewritten after every round of chunks."""
+    a chunk at a time in turn; the table is rewritten after every round of chunks. What `out`'s
+    table records finished (`Record`) is not trained again."""
     out = Path(out).resolve()
+    record = Record.read(out)
     missing = [run.experiment for run in (Run(t, m) for t in tasks for m in methods) if not experiment_exists(run)]
     if missing:
         raise ValueError(f"no experiment config {', '.join(missing)} in {config_dir()}/experiment: leave those "
                          "methods or tasks out")
     for task in tasks:
-        if BASE in methods and not Run(task, BASE).has_adapter(out):
-            train(Run(task, BASE), out, plan, 0)
+        base = Run(task, BASE)
+        if BASE in methods and not base.has_adapter(out) and record.finished_row(base) is None:
+            train(base, out, plan, 0)
         trained = [method for method in methods if method != BASE]
         for method in trained:
             for run in sweep_runs(task, method, plan):
-                if sweep_pending(run, out, plan):
+                if record.chosen_lr(task, method) is None and sweep_pending(run, out, plan):
                     train(run, out, plan, plan.schedule.sweep_steps)
-        runs = [run for method in trained if (run := long_run(task, method, out, plan)) is not None]
-        while pending := [run for run in runs if not finished(run, out, plan.schedule)]:
+        runs = [run for method in trained if (run := long_run(task, method, out, plan, record)) is not None]
+        while pending := [run for run in runs if not finished(run, out, plan.schedule, record)]:
             for run in pending:
                 done = trained_steps(run, out, plan.schedule)
                 train(run, out, plan, min(plan.schedule.max_steps, done + plan.schedule.chunk))
@@ -444,41 +496,58 @@ def method_row(run: Run, out: Path, ceilings: dict[str, float], schedule: Schedu
     }
 
 
-def task_report(task: str, out: Path, plan: Plan) -> dict | None:
-    """Every method's sweep and row of one task so far (None if no run of it has an adapter)."""
-    landed = {method: long_run(task, method, out, plan) for method in METHODS}
-    landed = {method: run for method, run in landed.items() if run is not None and run.has_adapter(out)}
-    if not landed:
+def sweep_report(task: str, method: str, out: Path, plan: Plan, record: Record) -> dict | None:
+    """The method's sweep: its scores by rate, the rates that failed and the chosen one, as
+    recorded once finished, else as far as its runs in `out` have come (None: none has an adapter)."""
+    runs = sweep_runs(task, method, plan)
+    if record.chosen_lr(task, method) is not None:
+        return record.sweep(task, method)
+    if not any(run.has_adapter(out) for run in runs):
         return None
-    config = run_config(next(iter(landed.values())), out)  # the same data for every method
-    ceilings = fidelity_ceilings(config)
+    chosen = long_run(task, method, out, plan, record)
+    return {"scores": {f"{lr:g}": score for lr, score in sweep_scores(task, method, out, plan).items()},
+            "failed": [f"{run.lr:g}" for run in runs if failure(run, out)],
+            "chosen_lr": None if chosen is None else chosen.lr}
+
+
+def task_report(task: str, out: Path, plan: Plan, record: Record) -> dict | None:
+    """Every method's sweep and row of one task so far: from its run where `out` has one with an
+    adapter, else as `record`ed finished (None if no method has either)."""
+    runs = {method: run for method in METHODS if (run := long_run(task, method, out, plan, record)) is not None}
+    landed = {method: run for method, run in runs.items() if run.has_adapter(out)}
+    kept = {method: row for method, run in runs.items()
+            if method not in landed and (row := record.finished_row(run)) is not None}
+    if not landed and not kept:
+        return None
+    if landed:
+        config = run_config(next(iter(landed.values())), out)  # the same data for every method
+        ceilings, num_images = fidelity_ceilings(config), int(config.callbacks.control_fidelity.num_images)
+    else:
+        ceilings, num_images = record.tasks[task]["ceilings"], record.tasks[task]["num_images"]
     primary = PRIMARY[task]
-    rows = {method: method_row(run, out, ceilings, plan.schedule) for method, run in landed.items()}
+    rows = {method: method_row(landed[method], out, ceilings, plan.schedule) if method in landed else kept[method]
+            for method in runs if method in landed or method in kept}
     finals = {method: row["fidelity"][primary]["value"] for method, row in rows.items() if method != BASE}
     best = max(finals, key=finals.get, default=None)
     target = None if best is None else REACHED * finals[best]
     for method, row in rows.items():
         curve = dict(row["curve"])
         row[f"steps_to_{REACHED:.0%}_of_best"] = None if target is None else first_step_reaching(curve, target)
-    sweeps = {
-        method: {"scores": {f"{lr:g}": score for lr, score in sweep_scores(task, method, out, plan).items()},
-                 "failed": [f"{run.lr:g}" for run in sweep_runs(task, method, plan) if failure(run, out)],
-                 "chosen_lr": None if landed.get(method) is None else landed[method].lr}
-        for method in METHODS if method != BASE and sweep_runs(task, method, plan)
-        and any(run.has_adapter(out) for run in sweep_runs(task, method, plan))
-    }
+    sweeps = {method: sweep for method in METHODS
+              if method != BASE and (sweep := sweep_report(task, method, out, plan, record)) is not None}
     return {
-        "primary_metric": primary, "ceilings": ceilings,
-        "num_images": int(config.callbacks.control_fidelity.num_images),
+        "primary_metric": primary, "ceilings": ceilings, "num_images": num_images,
         "best": None if best is None else {"method": best, "final": finals[best], "target": target},
         "sweeps": sweeps, "methods": rows,
     }
 
 
 def render(out: Path, plan: Plan) -> dict:
-    """The table (Markdown and JSON), the learning curves and the sample grids of what has landed."""
+    """The table (Markdown and JSON), the learning curves and the sample grids of what has landed,
+    with what the previous table recorded finished where its runs are gone."""
     out = Path(out).resolve()
-    tasks = {task: report for task in TASKS if (report := task_report(task, out, plan)) is not None}
+    record = Record.read(out)
+    tasks = {task: report for task in TASKS if (report := task_report(task, out, plan, record)) is not None}
     report = {"plan": plan.to_json(), "machine": machine(), "tasks": tasks}
     for task, table in tasks.items():
         curves = {method: dict(row["curve"]) for method, row in table["methods"].items()}
@@ -486,8 +555,8 @@ def render(out: Path, plan: Plan) -> dict:
         title = f"{task}: validation {primary} ({table['num_images']} images)"
         figure = plot_curves(curves, title, primary, table["ceilings"][primary])
         save_figure(figure, out / f"{task}_curves.png")
-    (out / "table2.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table2.md").write_text(to_markdown(report))
+    write_atomically(out / "table2.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "table2.md", to_markdown(report))
     return report
 
 

@@ -269,7 +269,9 @@ def test_rerun_trains_only_what_is_missing(table2, replication, monkeypatch):
     chosen = report["tasks"]["canny"]["sweeps"]["oft"]["chosen_lr"]
     lost = out / f"runs/canny_oft_lr{3e-3 if chosen == 1e-3 else 1e-3:g}"
     kept = shutil.copytree(lost, lost.parent.parent / "kept")
-    shutil.rmtree(lost)  # a sweep run lost (or never finished): it alone trains again
+    shutil.rmtree(lost)  # a sweep run lost while its table records the sweep: nothing trains
+    assert table2.replicate(out, ["canny"], CANNY_METHODS, plan) == report
+    (out / "table2.json").unlink()  # ... and without the table: it alone trains again
     commands = []
 
     def training(command, **kwargs):  # as if it trained: the run's directory is back
@@ -282,4 +284,39 @@ def test_rerun_trains_only_what_is_missing(table2, replication, monkeypatch):
     assert len(commands) == 1 and f"hydra.sweep.subdir=runs/{lost.name}" in commands[0]
     assert f"module.optimizer.lr={float(lost.name.split('_lr')[1])!r}" in commands[0]
     assert "trainer.max_steps=2" in commands[0] and "ckpt_path=last" not in commands[0]  # nothing to resume
+    assert again["tasks"]["canny"]["sweeps"] == report["tasks"]["canny"]["sweeps"]
+
+
+@pytest.mark.slow
+def test_a_published_table_continues_on_a_fresh_clone_training_only_what_had_not_finished(
+        table2, replication, monkeypatch, tmp_path):
+    out, report, plan = replication
+    published = tmp_path / "results"  # what a results folder in git holds: no run directories
+    published.mkdir()
+    for path in out.glob("*.*"):
+        shutil.copyfile(path, published / path.name)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail(f"trained again: {args}"))
+    assert table2.replicate(published, ["canny"], CANNY_METHODS, plan) == report
+    assert not (published / "runs").exists()
+
+    table = json.loads((published / "table2.json").read_text())
+    table["tasks"]["canny"]["methods"]["oft"]["stopped"] = None  # recorded while it was still training
+    (published / "table2.json").write_text(json.dumps(table))
+    run_dir = report["tasks"]["canny"]["methods"]["oft"]["run_dir"]
+    commands = []
+
+    def training(command, **kwargs):  # as if it trained: the run is as it was in `out`
+        commands.append(command)
+        shutil.copytree(out / run_dir, published / run_dir)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", training)
+    again = table2.replicate(published, ["canny"], CANNY_METHODS, plan)
+    assert len(commands) == 1 and f"hydra.sweep.subdir={run_dir}" in commands[0]  # the chosen rate's run
+    assert "ckpt_path=last" not in commands[0] and "trainer.max_steps=2" in commands[0]  # from the start
+    assert sorted(path.name for path in (published / "runs").iterdir()) == [Path(run_dir).name]
+    pace = ("seconds_per_step", "threads")  # the fake call added its own wall time
+    for method, row in report["tasks"]["canny"]["methods"].items():
+        assert {k: v for k, v in again["tasks"]["canny"]["methods"][method].items() if k not in pace} == {
+            k: v for k, v in row.items() if k not in pace}
     assert again["tasks"]["canny"]["sweeps"] == report["tasks"]["canny"]["sweeps"]
