@@ -6,16 +6,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from conftrl.config import config_dir
 from datamodules import FolderDataModule, ShapesWorldDataModule
 from datamodules.annotators import Annotator
+from support.config_groups import shipped_options
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
-ANNOTATORS = sorted(p.stem for p in (CONF / "annotator").glob("*.yaml"))
+DATA = shipped_options("data")
+ANNOTATORS = shipped_options("annotator")
 
 
 def compose_pair(data: str, annotator: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(overrides=[f"+data={data}", f"+annotator={annotator}", *overrides])
 
 

@@ -17,11 +17,6 @@ from omegaconf import DictConfig, open_dict
 from conftrl.config import config_dir, register_resolvers
 from conftrl.diffusion.tiny import TinySDXLSpec, TinySpec
 
-def shipped_options(group: str) -> list[str]:
-    """The options the project ships for a config group (`experiment`, `method`, ...)."""
-    return sorted(path.stem for path in (Path(config_dir()) / group).glob("*.yaml"))
-
-
 # Small enough that a training step takes well under a second on 2 CPU cores.
 TEST_SPEC = TinySpec(
     resolution=32, vae_channels=(8, 8, 16), unet_channels=(16, 32), norm_groups=8,

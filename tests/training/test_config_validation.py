@@ -16,7 +16,7 @@ from conftrl.cli import train as train_command
 from conftrl.cli.train import train
 from conftrl.config.schema import ConfigError, check_strategy_complete, validate_train_config
 from conftrl.training.callbacks import EMA, EnergyMonitor, SampleGrid
-from support.training_runs import shipped_options
+from support.config_groups import shipped_options
 
 EXPERIMENTS = shipped_options("experiment")
 METHODS = shipped_options("method")

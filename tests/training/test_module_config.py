@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning import Trainer
 
 from conftrl.diffusion import load_base
-from support.training_runs import shipped_options
+from support.config_groups import shipped_options
 
 METHODS = shipped_options("method")
 EXPERIMENTS = shipped_options("experiment")

@@ -14,7 +14,7 @@ from conftrl.training.adapter import load_adapter
 from conftrl.training.checkpoints import CheckpointError
 from conftrl.training.loggers import logged_metrics
 from conftrl.training.module import CheckpointMismatchError, ControlModule, NonFiniteLossError
-from support.training_runs import shipped_options
+from support.config_groups import shipped_options
 
 EXPERIMENTS = shipped_options("experiment")
 
