@@ -99,6 +99,7 @@ LR_GRIDS = {
 REACHED = 0.9
 ENERGY_CHANGE = "he/rel_change_total"
 PLAN_FILE = "plan.json"
+TABLE_FILE = "table2.json"  # as rendered; also what a later call remembers (`Record`)
 WALL_TIME_FILE = "wall_time.json"  # in a run's directory: each finished training call's steps and seconds
 FAILED_FILE = "failed.json"  # in a run's directory: its training call that failed (a diverged loss), not retried
 
@@ -201,7 +202,7 @@ class Record:
 
     @classmethod
     def read(cls, out: Path) -> Record:
-        path = Path(out) / "table2.json"
+        path = Path(out) / TABLE_FILE
         return cls(json.loads(path.read_text())["tasks"] if path.is_file() else {})
 
     def sweep(self, task: str, method: str) -> dict | None:
@@ -423,9 +424,9 @@ def replicate(out: Path, tasks: list[str], methods: list[str], plan: Plan) -> di
         if BASE in methods and not base.has_adapter(out) and record.finished_row(base) is None:
             train(base, out, plan, 0)
         trained = [method for method in methods if method != BASE]
-        for method in trained:
+        for method in (method for method in trained if record.chosen_lr(task, method) is None):
             for run in sweep_runs(task, method, plan):
-                if record.chosen_lr(task, method) is None and sweep_pending(run, out, plan):
+                if sweep_pending(run, out, plan):
                     train(run, out, plan, plan.schedule.sweep_steps)
         runs = [run for method in trained if (run := long_run(task, method, out, plan, record)) is not None]
         while pending := [run for run in runs if not finished(run, out, plan.schedule, record)]:
@@ -499,9 +500,9 @@ def method_row(run: Run, out: Path, ceilings: dict[str, float], schedule: Schedu
 def sweep_report(task: str, method: str, out: Path, plan: Plan, record: Record) -> dict | None:
     """The method's sweep: its scores by rate, the rates that failed and the chosen one, as
     recorded once finished, else as far as its runs in `out` have come (None: none has an adapter)."""
-    runs = sweep_runs(task, method, plan)
     if record.chosen_lr(task, method) is not None:
         return record.sweep(task, method)
+    runs = sweep_runs(task, method, plan)
     if not any(run.has_adapter(out) for run in runs):
         return None
     chosen = long_run(task, method, out, plan, record)
@@ -555,7 +556,7 @@ def render(out: Path, plan: Plan) -> dict:
         title = f"{task}: validation {primary} ({table['num_images']} images)"
         figure = plot_curves(curves, title, primary, table["ceilings"][primary])
         save_figure(figure, out / f"{task}_curves.png")
-    write_atomically(out / "table2.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / TABLE_FILE, json.dumps(report, indent=2) + "\n")
     write_atomically(out / "table2.md", to_markdown(report))
     return report
 
