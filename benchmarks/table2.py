@@ -424,7 +424,8 @@ def replicate(out: Path, tasks: list[str], methods: list[str], plan: Plan) -> di
         if BASE in methods and not base.has_adapter(out) and record.finished_row(base) is None:
             train(base, out, plan, 0)
         trained = [method for method in methods if method != BASE]
-        for method in (method for method in trained if record.chosen_lr(task, method) is None):
+        unswept = [method for method in trained if record.chosen_lr(task, method) is None]
+        for method in unswept:
             for run in sweep_runs(task, method, plan):
                 if sweep_pending(run, out, plan):
                     train(run, out, plan, plan.schedule.sweep_steps)
